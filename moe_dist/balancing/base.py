@@ -1,0 +1,70 @@
+"""The balancing-loss contract: `Load` (what a loss may know about token counts) and `BalancingLoss`.
+
+Shape legend: T tokens on this rank, E experts (global), K slots per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from moe_dist.routing.base import Router, Routing
+
+
+class LossConfig(BaseModel):
+    """Fields every balancing loss has; a loss subclasses this for its own options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    coef: float = Field(0.01, ge=0.0, description="multiplier of this term in the total loss")
+
+
+@dataclass
+class Load:
+    """Token counts a loss may use. Counts carry no gradient.
+
+    - ``counts_E``: token-slot assignments per expert of this rank's micro-batch (before any
+      capacity drop), float32.
+    - ``global_counts_E``: the same summed over the data x expert parallel group for this
+      micro-batch; filled only when some configured loss has ``needs_global_counts``.
+    - ``num_tokens``: T on this rank; ``global_num_tokens``: T summed over the group.
+    - ``batch_size``, ``seq_len``: the micro-batch shape (B, S) with T = B * S; sequence-wise
+      losses need it.
+    """
+
+    counts_E: torch.Tensor
+    num_tokens: int
+    batch_size: int
+    seq_len: int
+    global_counts_E: torch.Tensor | None = None
+    global_num_tokens: int | None = None
+
+
+class BalancingLoss:
+    """Base class of balancing-loss plugins.
+
+    Subclasses set ``Config``, register with ``@LOSSES.register("name")`` and implement
+    ``__call__(routing, load, router) -> scalar Tensor`` (the unweighted term; the layer
+    multiplies by ``cfg.coef`` and logs it as ``name``).
+    """
+
+    Config: ClassVar[type[LossConfig]] = LossConfig
+    registry_name: ClassVar[str] = ""
+    needs_global_counts: ClassVar[bool] = False
+
+    def __init__(self, cfg: LossConfig, num_experts: int, top_k: int) -> None:
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def __call__(self, routing: Routing, load: Load, router: Router) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def validate_config(cls, cfg: LossConfig, router_cls: type[Router], num_experts: int) -> list[str]:
+        """Cross-field checks (e.g. SimBal needs a router with a weight matrix); messages or []."""
+        return []

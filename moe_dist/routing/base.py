@@ -1,0 +1,99 @@
+"""The router contract: `Routing` (what a router decides) and `Router` (the plugin interface).
+
+Shape legend: T tokens on this rank, H hidden size, E experts (global), K slots per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class RouterConfig(BaseModel):
+    """Fields every router has. A router subclasses this for its own options.
+
+    Unknown keys are errors, so a typo in YAML (``top_kk``) is reported, not ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "topk_softmax"
+    top_k: int = Field(2, ge=1, description="experts per token")
+
+
+@dataclass
+class Routing:
+    """One routing decision for T tokens.
+
+    - ``experts_TK`` int64 expert ids in [0, E); ``-1`` marks an unused slot (expert-choice
+      routing gives tokens a variable number of experts). Slots of one token are distinct.
+    - ``weights_TK`` float32 combine weights (0 in unused slots); gradients flow through them.
+    - ``probs_TE`` the scores the balancing losses see (softmax probabilities for softmax
+      routers, normalised sigmoid scores for the DeepSeek router, ...).
+    - ``logits_TE`` pre-activation scores when the router has them (z-loss needs them).
+    - ``losses`` terms the router owns (LPR's KL, diversity, alignment), already multiplied by
+      their weights: the layer adds them to the loss as they are and logs each by name.
+    """
+
+    experts_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    probs_TE: torch.Tensor
+    logits_TE: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[-1]
+
+    def counts_E(self) -> torch.Tensor:
+        """Token-slot assignments per expert (float32, no gradient); unused slots are not counted."""
+        e_flat = self.experts_TK.reshape(-1)
+        e_flat = e_flat[e_flat >= 0]
+        return torch.bincount(e_flat, minlength=self.num_experts).to(torch.float32)
+
+
+class Router(nn.Module):
+    """Base class of router plugins.
+
+    Subclasses set ``Config`` to their pydantic config class, register with
+    ``@ROUTERS.register("name")`` and implement ``forward(x_TH) -> Routing``.
+    """
+
+    Config: ClassVar[type[RouterConfig]] = RouterConfig
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self, cfg: RouterConfig, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = cfg.top_k
+
+    def forward(self, x_TH: torch.Tensor) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def weight_EH(self) -> torch.Tensor | None:
+        """The router's linear map ``[E, H]`` when it has one (SimBal regularises it), else None."""
+        return None
+
+    @torch.no_grad()
+    def after_step(self, global_counts_E: torch.Tensor) -> None:
+        """Non-gradient update after an optimizer step.
+
+        ``global_counts_E`` are the token-slot assignments per expert summed over all
+        micro-batches of the step and over the whole data x expert parallel group, so every
+        rank applies the identical update and replicated router state stays in sync.
+        """
+
+    @classmethod
+    def validate_config(cls, cfg: RouterConfig, hidden_size: int, num_experts: int) -> list[str]:
+        """Cross-field checks that need the model's sizes; returns messages (empty = fine)."""
+        errors = []
+        if cfg.top_k > num_experts:
+            errors.append(f"top_k: must be <= num_experts ({num_experts}), got {cfg.top_k}")
+        return errors

@@ -1,0 +1,65 @@
+"""Softmax-then-top-k routing (Switch, GShard, Mixtral, Qwen3-MoE, OLMoE, SimBal's base router).
+
+Forward:
+1. logits_TE = x_TH @ W_EH^T (fp32, whatever the activations' dtype: routing decisions are
+   sensitive to rounding).
+2. probs_TE = softmax(logits_TE) over all E experts; the balancing losses see these.
+3. experts_TK, p_TK = top-k of probs_TE.
+4. weights_TK = p_TK, renormalised to sum 1 over the k slots when ``renormalize`` (Mixtral,
+   Qwen3 ``norm_topk_prob``); raw probabilities otherwise (Switch, k=1).
+
+Options: multiplicative input jitter in training (Switch Transformer: x * U(1-eps, 1+eps)) and
+orthogonal weight init (SimBal's recommendation; needs H >= E for orthonormal rows).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from moe_dist.registry import ROUTERS
+from moe_dist.routing.base import Router, RouterConfig, Routing
+
+
+class TopKSoftmaxConfig(RouterConfig):
+    name: Literal["topk_softmax"] = "topk_softmax"
+    renormalize: bool = Field(True, description="renormalise the top-k weights to sum to 1")
+    jitter_eps: float = Field(0.0, ge=0.0, lt=1.0, description="Switch multiplicative input jitter (training)")
+    init: Literal["normal", "orthogonal"] = "normal"
+    init_std: float = Field(0.02, gt=0.0, description="std of the normal init")
+
+
+@ROUTERS.register("topk_softmax")
+class TopKSoftmaxRouter(Router):
+    Config = TopKSoftmaxConfig
+
+    def __init__(self, cfg: TopKSoftmaxConfig, hidden_size: int, num_experts: int) -> None:
+        super().__init__(cfg, hidden_size, num_experts)
+        self.cfg: TopKSoftmaxConfig = cfg
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.cfg.init == "orthogonal":
+            nn.init.orthogonal_(self.weight)
+        else:
+            nn.init.normal_(self.weight, std=self.cfg.init_std)
+
+    @property
+    def weight_EH(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x_TH: torch.Tensor) -> Routing:
+        if self.training and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            x_TH = x_TH * torch.empty_like(x_TH).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        p_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.cfg.renormalize:
+            p_TK = p_TK / p_TK.sum(dim=-1, keepdim=True)
+        return Routing(experts_TK=experts_TK, weights_TK=p_TK, probs_TE=probs_TE, logits_TE=logits_TE)
