@@ -37,6 +37,8 @@ class Routing:
     - ``logits_TE`` pre-activation scores when the router has them (z-loss needs them).
     - ``losses`` terms the router owns (LPR's KL, diversity, alignment), already multiplied by
       their weights: the layer adds them to the loss as they are and logs each by name.
+    - ``expert_input_delta_TH`` when set, the layer feeds the experts (routed and shared)
+      ``x_TH + expert_input_delta_TH`` instead of ``x_TH`` (LPR adds its decoded latent there).
     """
 
     experts_TK: torch.Tensor
@@ -44,6 +46,7 @@ class Routing:
     probs_TE: torch.Tensor
     logits_TE: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_input_delta_TH: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
