@@ -104,6 +104,9 @@ ROUTERS: Registry = Registry(
     "moe_dist.routers",
     builtin_modules=(
         "moe_dist.routing.topk_softmax",
+        "moe_dist.routing.topk_sigmoid_bias",
+        "moe_dist.routing.lpr",
+        "moe_dist.routing.expert_choice",
     ),
 )
 LOSSES: Registry = Registry(
@@ -111,5 +114,9 @@ LOSSES: Registry = Registry(
     "moe_dist.losses",
     builtin_modules=(
         "moe_dist.balancing.switch",
+        "moe_dist.balancing.global_batch",
+        "moe_dist.balancing.seq_aux",
+        "moe_dist.balancing.z_loss",
+        "moe_dist.balancing.simbal",
     ),
 )

@@ -15,6 +15,7 @@ exception (with traceback) is re-raised in the parent so a failing rank fails th
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -41,7 +42,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle: tensors travel by value. The queue's own pickler shares tensor storage
+        # through file descriptors, which vanish when this process exits before the parent reads.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -62,7 +65,7 @@ def run_on_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: flo
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout_s)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break  # the other ranks may now hang in a collective; stop them below

@@ -9,7 +9,12 @@ Forward:
    Qwen3 ``norm_topk_prob``); raw probabilities otherwise (Switch, k=1).
 
 Options: multiplicative input jitter in training (Switch Transformer: x * U(1-eps, 1+eps)) and
-orthogonal weight init (SimBal's recommendation; needs H >= E for orthonormal rows).
+orthogonal weight init (SimBal's recommendation; needs H >= E for orthonormal rows, otherwise
+torch gives orthonormal columns).
+
+``top_k: 1`` with ``renormalize: true`` is rejected: the single weight would always be 1 and the
+task loss would give the router no gradient (Switch keeps the raw probability; Megatron-Core
+likewise demands ``moe_router_pre_softmax`` for top-1).
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from moe_dist.routing.base import Router, RouterConfig, Routing
 class TopKSoftmaxConfig(RouterConfig):
     name: Literal["topk_softmax"] = "topk_softmax"
     renormalize: bool = Field(True, description="renormalise the top-k weights to sum to 1")
-    jitter_eps: float = Field(0.0, ge=0.0, lt=1.0, description="Switch multiplicative input jitter (training)")
+    jitter_eps: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Switch multiplicative input jitter (training)"
+    )
     init: Literal["normal", "orthogonal"] = "normal"
     init_std: float = Field(0.02, gt=0.0, description="std of the normal init")
 
@@ -50,16 +57,28 @@ class TopKSoftmaxRouter(Router):
             nn.init.normal_(self.weight, std=self.cfg.init_std)
 
     @property
-    def weight_EH(self) -> torch.Tensor:
+    def weight_EH(self) -> torch.Tensor:  # noqa: N802 - contract name (shape suffix)
         return self.weight
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         if self.training and self.cfg.jitter_eps > 0:
             eps = self.cfg.jitter_eps
             x_TH = x_TH * torch.empty_like(x_TH).uniform_(1.0 - eps, 1.0 + eps)
-        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        with torch.autocast(x_TH.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+            logits_TE = F.linear(x_TH.float(), self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
         p_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.cfg.renormalize:
             p_TK = p_TK / p_TK.sum(dim=-1, keepdim=True)
         return Routing(experts_TK=experts_TK, weights_TK=p_TK, probs_TE=probs_TE, logits_TE=logits_TE)
+
+    @classmethod
+    def validate_config(cls, cfg: RouterConfig, hidden_size: int, num_experts: int) -> list[str]:
+        errors = super().validate_config(cfg, hidden_size, num_experts)
+        assert isinstance(cfg, TopKSoftmaxConfig)
+        if cfg.top_k == 1 and cfg.renormalize:
+            errors.append(
+                "renormalize: must be false when top_k is 1 (the weight would always be 1 and the router "
+                "would get no gradient from the task loss; Switch uses the raw probability)"
+            )
+        return errors

@@ -1,0 +1,61 @@
+"""Global-batch load-balancing loss (Qiu et al. 2025, "Demons in the Detail", arXiv 2501.11873).
+
+Shape legend: T tokens on this rank, E experts, K slots per token.
+
+The Switch loss ``E * sum_i f_i P_i`` with f_i taken over the whole data x expert parallel
+group instead of this rank's micro-batch:
+
+1. The layer all-reduces this micro-batch's counts over the group without gradient
+   (``needs_global_counts``): ``load.global_counts_E``, ``load.global_num_tokens``.
+2. fbar_i = global_counts_i / (K * global T) (``normalize_by_topk``; by global T otherwise).
+3. P_i = mean of this rank's router probabilities (local, with gradient).
+4. Loss on rank j = E * sum_i fbar_i P_i^j. Data-parallel gradient averaging gives the paper's
+   ``(1/N_P) sum_j E sum_i fbar_i P_i^j``; with equal T per rank its value averaged over ranks
+   equals the single-process loss on the concatenated batch.
+
+Difference from the paper: with gradient accumulation the paper also accumulates the synced
+counts over the accumulation steps of one optimizer step; here fbar covers the current
+micro-batch across the group (the Load contract carries no step-level buffer).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from moe_dist.balancing.base import BalancingLoss, Load, LossConfig
+from moe_dist.balancing.switch import switch_loss
+from moe_dist.registry import LOSSES
+from moe_dist.routing.base import Router, Routing
+
+
+class GlobalBatchLossConfig(LossConfig):
+    name: Literal["global_batch"] = "global_batch"
+    normalize_by_topk: bool = Field(True, description="fbar_i = counts / (K*T) (min 1) instead of counts / T")
+
+
+@LOSSES.register("global_batch")
+class GlobalBatchLoss(BalancingLoss):
+    Config = GlobalBatchLossConfig
+    needs_global_counts = True
+
+    def __call__(self, routing: Routing, load: Load, router: Router) -> torch.Tensor:
+        if load.global_counts_E is None or load.global_num_tokens is None:
+            raise RuntimeError(
+                "global_batch loss: Load.global_counts_E is missing; the layer must all-reduce the counts "
+                "for losses with needs_global_counts"
+            )
+        denom = load.global_num_tokens * (self.top_k if self.cfg.normalize_by_topk else 1)
+        f_E = load.global_counts_E / max(denom, 1)
+        return switch_loss(f_E, routing.probs_TE, self.num_experts)
+
+    @classmethod
+    def validate_config(cls, cfg: LossConfig, router_cls: type[Router], num_experts: int) -> list[str]:
+        if getattr(router_cls, "balanced_by_construction", False):
+            return [
+                f"name: global_batch is constant with router {router_cls.registry_name!r} (every expert "
+                f"takes the same number of tokens, so f_i is uniform and the loss has no gradient); remove it"
+            ]
+        return []

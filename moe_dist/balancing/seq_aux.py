@@ -1,0 +1,58 @@
+"""DeepSeek-V3 sequence-wise balance loss (arXiv 2412.19437, Eq. 17-20).
+
+Shape legend: B sequences, S tokens per sequence (T = B * S on this rank), E experts, K slots.
+
+1. Per sequence b: f_bi = E / (K * S) * (number of tokens of b that selected expert i).
+2. P_bi = (1/S) sum_s s'_{b,s,i}, with s' the router's normalised scores (``routing.probs_TE``:
+   sigmoid scores divided by their sum for ``topk_sigmoid_bias``, softmax probabilities for
+   softmax routers).
+3. Loss = mean over the B sequences of sum_i f_bi P_bi; 1 at perfect balance within every
+   sequence. DeepSeek-V3 uses coefficient alpha = 1e-4 on top of the bias-based balancing.
+
+With a softmax router this is also the sequence-level LBL of OLMoE / SimBal's baseline code
+(f and P per sequence, then the batch mean) divided by K: they normalise f by S, not K * S.
+
+Needs the micro-batch shape (``load.batch_size``, ``load.seq_len``); slots marked -1 (expert
+choice) are not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from moe_dist.balancing.base import BalancingLoss, Load, LossConfig
+from moe_dist.registry import LOSSES
+from moe_dist.routing.base import Router, Routing
+
+
+class SeqAuxLossConfig(LossConfig):
+    name: Literal["seq_aux"] = "seq_aux"
+
+
+def sequence_counts(experts_TK: torch.Tensor, batch_size: int, num_experts: int) -> torch.Tensor:
+    """Token-slot assignments per sequence and expert (no gradient); -1 slots are skipped."""
+    experts_BSK = experts_TK.reshape(batch_size, -1, experts_TK.shape[-1])
+    valid = experts_BSK >= 0
+    counts_BE = torch.zeros(batch_size, num_experts, dtype=torch.float32, device=experts_TK.device)
+    idx_BX = experts_BSK.clamp(min=0).reshape(batch_size, -1)
+    return counts_BE.scatter_add_(1, idx_BX, valid.reshape(batch_size, -1).to(torch.float32))
+
+
+@LOSSES.register("seq_aux")
+class SeqAuxLoss(BalancingLoss):
+    Config = SeqAuxLossConfig
+
+    def __call__(self, routing: Routing, load: Load, router: Router) -> torch.Tensor:
+        B, S, E = load.batch_size, load.seq_len, self.num_experts
+        if B * S != routing.probs_TE.shape[0]:
+            raise ValueError(
+                f"seq_aux loss: batch_size * seq_len ({B} * {S}) != number of routed tokens "
+                f"({routing.probs_TE.shape[0]})"
+            )
+        probs_BSE = routing.probs_TE.reshape(B, S, E)
+        probs_BSE = probs_BSE.to(torch.promote_types(probs_BSE.dtype, torch.float32))
+        f_BE = sequence_counts(routing.experts_TK, B, E).to(probs_BSE.dtype) * (E / (self.top_k * S))
+        P_BE = probs_BSE.mean(dim=1)
+        return (f_BE * P_BE).sum(dim=-1).mean()
