@@ -1,0 +1,330 @@
+"""Training through the DeepSpeed engine (``parallel.engine: deepspeed``; ZeRO stage ``parallel.zero_stage``).
+
+Shape legend: B micro-batch, S sequence, V vocabulary, H hidden size, E experts.
+
+Why DeepSpeed ``MoE`` layers (with `MoeDistGate`) and not our ``MoELayer`` with marked expert
+parameters: the engine treats a model as MoE only when it contains ``deepspeed.moe.layer.MoE``
+modules (``has_moe_layers``); only then does it create the expert-parallel groups, reduce expert
+gradients over the expert-data-parallel group and keep ZeRO's MoE parameter groups apart. Our
+``MoELayer`` with ``allreduce = False`` parameters would have its expert gradients averaged over
+the whole data-parallel group, i.e. mixed between different experts at EP > 1. So every
+``MoELayer`` of the model is swapped for a `DeepSpeedMoELayer`: DeepSpeed's MoE (dispatch,
+all-to-all, experts) around our router and losses, initialised with the native layer's weights.
+
+`train(cfg)` is ``moe_dist.train.train`` for this engine:
+
+1. Process groups (DeepSpeed's E+D layout, the same as ``ParallelGroups``), the native model
+   (same seed), every MoE block converted.
+2. Parameter groups: decay / no-decay, then ``split_params_into_different_moe_groups_for_optimizer``
+   (expert parameters in their own ``moe`` groups, needed by ZeRO); torch AdamW.
+3. ``deepspeed.initialize`` with ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``,
+   ``gradient_clipping`` and ``zero_optimization.stage`` from our config.
+4. Loop: per micro-batch ``engine(x)``, ``engine.backward(task + aux)``, ``engine.step()`` (which
+   steps the optimizer at the accumulation boundary); then `after_step` (global counts, router
+   after-step hooks), metrics.jsonl, telemetry (``Telemetry.on_step``), evaluation.
+5. summary.json, telemetry summary.
+
+Run it with ``deepspeed --num_gpus N --master_addr 127.0.0.1 --no_local_rank $(which moe-dist)
+train CONFIG --set parallel.engine=deepspeed`` (on CPU: ``DS_ACCELERATOR=cpu``, gloo, and
+``deepspeed --num_nodes 1 --num_gpus N`` is read as processes per node).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dist.config import Config, ConfigError, check_world_size
+from moe_dist.integrations.deepspeed import MoeDistDeepSpeedMoE, build_deepspeed_moe, copy_from_native
+from moe_dist.integrations.plugin_routing import PluginRouting, after_step
+from moe_dist.layer import MoELayer
+from moe_dist.parallel.groups import ParallelGroups
+
+
+class DeepSpeedMoELayer(MoELayer):
+    """A DeepSpeed ``MoE`` that the model, trainer and telemetry address as a ``MoELayer``.
+
+    ``forward(x_BSH) -> (y_BSH, aux)`` like ``MoELayer`` (aux: weighted terms by name); the
+    statistics (``tokens_per_expert_E``, ``dropped_tokens``, ``last_aux``, ...) are the gate's
+    `PluginRouting` buffers. ``MoELayer.__init__`` is not run: nothing of the native dispatch exists.
+    """
+
+    def __init__(self, native: MoELayer, ep_size: int) -> None:
+        nn.Module.__init__(self)
+        self.cfg = native.cfg
+        self.hidden_size, self.num_experts = native.hidden_size, native.num_experts
+        self.num_local_experts, self.top_k = native.num_local_experts, native.top_k
+        self.moe: MoeDistDeepSpeedMoE = build_deepspeed_moe(native.cfg, native.hidden_size, ep_size=ep_size)
+        copy_from_native(self.moe, native)
+        for p in self.moe.deepspeed_moe.experts.parameters():
+            p.expert_parallel = True  # type: ignore[attr-defined]  # model.num_params counts them
+        self.timing = False
+        self.a2a_seconds = 0.0  # DeepSpeed's MOELayer does the all-to-all; it is not timed here
+        self.expert_seconds = 0.0
+
+    @property
+    def plugin(self) -> PluginRouting:
+        return self.moe.deepspeed_moe.gate.plugin  # type: ignore[return-value]
+
+    @property
+    def router(self) -> Any:  # type: ignore[override]
+        return self.plugin.router
+
+    @property
+    def losses(self) -> Any:  # type: ignore[override]
+        return self.plugin.losses
+
+    @property
+    def tokens_per_expert_E(self) -> torch.Tensor:
+        return self.plugin.tokens_per_expert_E
+
+    @property
+    def received_per_local_expert_e(self) -> torch.Tensor:
+        return self.plugin.received_per_local_expert_e
+
+    @property
+    def dropped_tokens(self) -> torch.Tensor:
+        return self.plugin.dropped_tokens
+
+    @property
+    def last_aux(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return self.plugin.last_aux
+
+    @last_aux.setter
+    def last_aux(self, value: dict[str, torch.Tensor]) -> None:
+        self.plugin.last_aux = value
+
+    def reset_stats(self) -> None:
+        self.plugin.reset_stats()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        y, _, _ = self.moe(x)
+        return y, self.moe.aux_terms
+
+    def extra_repr(self) -> str:
+        return (
+            f"deepspeed MoE, experts={self.num_experts}, local={self.num_local_experts}, top_k={self.top_k}"
+        )
+
+
+def convert_model(model: nn.Module, ep_size: int) -> nn.Module:
+    """Swap every ``MoELayer`` of ``model`` for a `DeepSpeedMoELayer` with the same weights (in place)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MoELayer) and not isinstance(child, DeepSpeedMoELayer):
+                setattr(parent, name, DeepSpeedMoELayer(child, ep_size))
+    return model
+
+
+def engine_config_errors(cfg: Config) -> list[str]:
+    errors = []
+    if cfg.parallel.zero_stage == 3:
+        errors.append("parallel.zero_stage: DeepSpeed MoE layers do not support ZeRO stage 3 (use 0, 1 or 2)")
+    return errors
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed JSON config our YAML implies (fp32; bf16 autocast is the native trainer's business)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.data.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: nn.Module, cfg: Config) -> Any:
+    """``deepspeed.initialize`` for a converted model: MoE parameter groups, AdamW, our ZeRO stage."""
+    import deepspeed  # noqa: PLC0415 - heavy, only for this engine
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: PLC0415
+
+    errors = engine_config_errors(cfg)
+    if errors:
+        raise ConfigError(errors)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    param_groups = split_params_into_different_moe_groups_for_optimizer(
+        [
+            {"name": "decay", "params": decay, "weight_decay": cfg.optim.weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        ]
+    )
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    return engine
+
+
+def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, stream: Any = None) -> Any:
+    """``moe_dist.train.train`` through the DeepSpeed engine (see the module docstring); a ``TrainResult``.
+
+    Writes what the native trainer writes (config.json, metrics.jsonl, summary.json) and feeds
+    telemetry the same way; no checkpoints (see docs/integrations/deepspeed.md).
+    """
+    import json  # noqa: PLC0415
+
+    import deepspeed  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from moe_dist.data import TokenBatches, load_corpus  # noqa: PLC0415
+    from moe_dist.metrics import load_summary  # noqa: PLC0415
+    from moe_dist.models import build_model  # noqa: PLC0415
+    from moe_dist.optim import lr_at, set_lr  # noqa: PLC0415
+    from moe_dist.parallel.init import init_distributed, pick_backend, shutdown_distributed  # noqa: PLC0415
+    from moe_dist.run_log import Console, MetricsLog  # noqa: PLC0415
+    from moe_dist.train import TrainResult, _start_telemetry, evaluate, pick_device, run_dir_of  # noqa: PLC0415
+
+    errors = engine_config_errors(cfg) + (
+        ["--resume: not supported with parallel.engine deepspeed"] if resume else []
+    )
+    if errors:
+        raise ConfigError(errors)
+    # 1. groups, model
+    own_pg = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(cfg.parallel)
+    tel = log = None
+    try:
+        check_world_size(cfg, info.world_size)
+        deepspeed.init_distributed(dist_backend=pick_backend(cfg.parallel))
+        groups = ParallelGroups.build(cfg.parallel.ep_size)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        device = pick_device(cfg.run.device, info.local_rank)
+        is_main = groups.rank == 0
+        console = Console(cfg.schedule.steps, is_main, cfg.run.log_every, stream)
+        batches = TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)
+        model = convert_model(build_model(cfg.model, groups, seed=cfg.run.seed), cfg.parallel.ep_size)
+        # 2-3. parameter groups, engine
+        engine = initialize(model.to(device), cfg)
+        torch.manual_seed(cfg.run.seed + 1000 + groups.rank)
+        run_dir = run_dir_of(cfg)
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
+            log = MetricsLog(run_dir / "metrics.jsonl", None)
+        tel = _start_telemetry(cfg, groups, model, info.local_rank)
+        console.say(
+            f"{cfg.run.name}: DeepSpeed engine, ZeRO {cfg.parallel.zero_stage}, world {groups.world_size}"
+            f" = DP {groups.dp_size} x EP {groups.ep_size}, device {device}, data: {batches.source}"
+        )
+        moe_blocks = [i for i, b in enumerate(model.blocks) if b.is_moe]
+        counts_total = [torch.zeros(cfg.model.moe.num_experts, dtype=torch.float64) for _ in moe_blocks]
+        result = TrainResult(run_dir=run_dir, start_step=0)
+        tokens_per_step = (
+            groups.world_size * cfg.data.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len
+        )
+        t_run, step = time.perf_counter(), 0
+        # 4. loop
+        for step in range(1, cfg.schedule.steps + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step - 1, cfg.optim, cfg.schedule)
+            set_lr(engine.optimizer, lr)
+            task_sum, aux_sums = 0.0, {}
+            for micro in range(cfg.data.grad_accum):
+                x_BS, y_BS = batches.train_batch(step - 1, micro, groups.rank)
+                logits_BSV, aux_loss, aux_terms = engine(x_BS.to(device))
+                task = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.to(device).flatten())
+                engine.backward(task + aux_loss)  # the engine divides by gradient_accumulation_steps
+                engine.step()  # an optimizer step only at the accumulation boundary
+                task_sum += float(task.detach()) / cfg.data.grad_accum
+                for k, v in aux_terms.items():
+                    aux_sums[k] = aux_sums.get(k, 0.0) + float(v.detach()) / cfg.data.grad_accum
+            layers = model.moe_layers()
+            dropped_local = [float(layer.dropped_tokens) for layer in layers]
+            global_counts = after_step([layer.plugin for layer in layers], groups)
+            names = sorted(aux_sums)
+            sums = torch.tensor(
+                [task_sum] + [aux_sums[k] for k in names] + dropped_local, dtype=torch.float64
+            )
+            if groups.distributed:
+                dist.all_reduce(sums)  # one collective: losses averaged, drops summed over ranks
+            means = (sums / groups.world_size).tolist()
+            loss, aux_mean = means[0], dict(zip(names, means[1 : 1 + len(names)]))
+            dropped = [d * groups.world_size for d in means[1 + len(names) :]]
+            step_seconds = time.perf_counter() - t0
+            result.losses[step] = loss
+            for total, c in zip(counts_total, global_counts):
+                total += c.detach().double().cpu()
+            if tel is not None:
+                tel.on_step(
+                    step,
+                    layers,
+                    global_counts,
+                    step_seconds=step_seconds,
+                    tokens=tokens_per_step // groups.world_size,
+                    losses={"loss": loss, **aux_mean},
+                )
+            grad_norm = engine.get_global_grad_norm()
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": loss,
+                "aux": aux_mean,
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens": step * tokens_per_step,
+                "tokens_per_s": tokens_per_step / step_seconds,
+                "step_seconds": step_seconds,
+                "skipped": False,
+                "layers": [
+                    {
+                        "layer": b,
+                        "counts": c.float().cpu().tolist(),
+                        **load_summary(c.detach().float().cpu(), d),
+                    }
+                    for b, c, d in zip(moe_blocks, global_counts, dropped)
+                ],
+            }
+            last = step == cfg.schedule.steps
+            if (cfg.eval.every and step % cfg.eval.every == 0) or last:
+                record["val_loss"] = result.val_losses[step] = evaluate(
+                    engine, batches, cfg.eval.batches, groups, device, _no_autocast
+                )
+            if log is not None:
+                log.write(record)
+            extra = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            console.step(step, loss, lr, record["tokens_per_s"], extra)
+            if stop_after is not None and step >= stop_after:
+                break
+        # 5. end
+        result.seconds = time.perf_counter() - t_run
+        result.tokens_per_s = step * tokens_per_step / result.seconds if step else 0.0
+        result.counts_per_layer = [c.tolist() for c in counts_total]
+        summary = {
+            "run_dir": str(run_dir),
+            "steps": step,
+            "final_loss": result.losses.get(step),
+            "val_loss": result.final_val_loss,
+            "tokens_per_s": result.tokens_per_s,
+            "seconds": result.seconds,
+            "world_size": groups.world_size,
+            "ep_size": groups.ep_size,
+            "engine": "deepspeed",
+            "zero_stage": cfg.parallel.zero_stage,
+            "layers": [{"layer": b, "counts": c} for b, c in zip(moe_blocks, result.counts_per_layer)],
+            "metrics_log": str(run_dir / "metrics.jsonl"),
+        }
+        if is_main and stop_after is None:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if tel is not None:
+            tel.close(summary)
+            tel = None
+        return result
+    finally:
+        if log is not None:
+            log.close()
+        if tel is not None:
+            tel.close({"error": True})
+        if own_pg:
+            shutdown_distributed()
+
+
+def _no_autocast() -> Any:
+    import contextlib  # noqa: PLC0415
+
+    return contextlib.nullcontext()
