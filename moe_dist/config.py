@@ -70,7 +70,9 @@ class MoEConfig(Section):
     def _losses_are_mappings(cls, v: list[Any]) -> list[Any]:
         for item in v:
             if not isinstance(item, dict | LossConfig):
-                raise ValueError("each loss must be a mapping with a name and a coef, e.g. {name: switch, coef: 0.01}")
+                raise ValueError(
+                    "each loss must be a mapping with a name and a coef, e.g. {name: switch, coef: 0.01}"
+                )
         return v
 
     @property
@@ -151,8 +153,13 @@ class CheckpointConfig(Section):
 class TelemetryConfig(Section):
     enabled: bool = False
     bind: str = "127.0.0.1"
-    port_base: int = Field(9400, ge=0, le=65535, description="rank r listens on port_base + local rank; 0 = any")
+    port_base: int = Field(
+        9400, ge=0, le=65535, description="rank r listens on port_base + local rank; 0 = any"
+    )
     interval_steps: int = Field(1, ge=1, description="fetch device statistics every N steps")
+    min_publish_interval_s: float = Field(
+        1.0, ge=0, description="...but at most this often (steps in between are summed, never lost)"
+    )
     file_sd_path: str | None = Field(None, description="write Prometheus file_sd targets here (rank 0)")
     pushgateway: str | None = Field(None, description="host:port of a Pushgateway for the end-of-job summary")
     port_fallback: bool = Field(True, description="if the port is busy, take a free one and say so")
@@ -160,6 +167,18 @@ class TelemetryConfig(Section):
     tls_key: str | None = None
     basic_auth_user: str | None = None
     basic_auth_password_env: str | None = Field(None, description="environment variable holding the password")
+    advertise_host: str | None = Field(
+        None,
+        description="host Prometheus scrapes (file_sd); default: bind, or the node name if bind is 0.0.0.0",
+    )
+    linger_s: float = Field(0.0, ge=0, description="keep the exporters up this long after the last step")
+    wait_for_scrape_s: float = Field(
+        0.0, ge=0, description="at start, wait up to this long for Prometheus' first scrape (short jobs)"
+    )
+    push_timeout_s: float = Field(5.0, gt=0, description="timeout of the end-of-job Pushgateway push")
+    timing: bool = Field(
+        True, description="time all-to-all and expert compute per layer (CUDA: syncs around each phase)"
+    )
 
 
 class RunConfig(Section):
@@ -265,9 +284,13 @@ def _cross_checks(cfg: Config) -> list[str]:
     errors = []
     moe, par = cfg.model.moe, cfg.parallel
     if moe.num_experts % par.ep_size:
-        errors.append(f"parallel.ep_size: must divide model.moe.num_experts ({moe.num_experts}), got {par.ep_size}")
+        errors.append(
+            f"parallel.ep_size: must divide model.moe.num_experts ({moe.num_experts}), got {par.ep_size}"
+        )
     if cfg.data.seq_len > cfg.model.max_seq_len:
-        errors.append(f"data.seq_len: must be <= model.max_seq_len ({cfg.model.max_seq_len}), got {cfg.data.seq_len}")
+        errors.append(
+            f"data.seq_len: must be <= model.max_seq_len ({cfg.model.max_seq_len}), got {cfg.data.seq_len}"
+        )
     if cfg.schedule.warmup_steps > cfg.schedule.steps:
         errors.append(f"schedule.warmup_steps: must be <= schedule.steps ({cfg.schedule.steps})")
     return errors
@@ -276,7 +299,13 @@ def _cross_checks(cfg: Config) -> list[str]:
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Errors that need the launch shape (known only at run time)."""
     if world_size % cfg.parallel.ep_size:
-        raise ConfigError([f"parallel.ep_size: must divide the world size ({world_size}), got {cfg.parallel.ep_size}"])
+        raise ConfigError(
+            [
+                f"parallel.ep_size: must divide the world size ({world_size}), got {cfg.parallel.ep_size} "
+                f"(start a multiple of {cfg.parallel.ep_size} processes, e.g. torchrun --nproc-per-node "
+                f"{cfg.parallel.ep_size}, or set parallel.ep_size)"
+            ]
+        )
 
 
 # ---------------------------------------------------------------- loading, overrides

@@ -54,9 +54,11 @@ class Routing:
 
     def counts_E(self) -> torch.Tensor:
         """Token-slot assignments per expert (float32, no gradient); unused slots are not counted."""
-        e_flat = self.experts_TK.reshape(-1)
-        e_flat = e_flat[e_flat >= 0]
-        return torch.bincount(e_flat, minlength=self.num_experts).to(torch.float32)
+        # Unused slots (-1) land in bin 0 and are cut off; scatter_add, not boolean indexing or
+        # bincount, so that counting does not synchronise with a GPU.
+        e_flat = self.experts_TK.reshape(-1) + 1
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.float32, device=e_flat.device)
+        return counts.scatter_add_(0, e_flat, torch.ones_like(e_flat, dtype=torch.float32))[1:]
 
 
 class Router(nn.Module):

@@ -1,0 +1,64 @@
+"""``moe-dist``: the command line. Thin: each subcommand lives in its own module.
+
+A subcommand module provides ``add_<name>_parser(subparsers)``, which registers its arguments
+and sets ``func`` (``func(args) -> exit code``). Adding one is one line in ``SUBCOMMANDS``.
+
+Bad input (config, data, checkpoint, launch environment) ends with one clear message on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# (module, function that adds the subparser), in the order ``--help`` lists them.
+SUBCOMMANDS: list[tuple[str, str]] = [
+    ("moe_dist.train", "add_train_parser"),
+    ("moe_dist.check", "add_check_parser"),
+    ("moe_dist.demo", "add_demo_parser"),
+    ("moe_dist.data", "add_prepare_data_parser"),
+    ("moe_dist.compare.command", "add_compare_parser"),
+    ("moe_dist.launcher.command", "add_launch_parser"),
+]
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-dist", description="Expert-parallel Mixture-of-Experts training with pluggable routers."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module, adder in SUBCOMMANDS:
+        getattr(importlib.import_module(module), adder)(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from moe_dist.checkpoint import CheckpointError
+    from moe_dist.config import ConfigError
+    from moe_dist.data import DataError
+    from moe_dist.parallel.init import LaunchEnvError
+
+    return ConfigError, DataError, CheckpointError, LaunchEnvError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        # Every rank hits the same config/data error; one copy of the message is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

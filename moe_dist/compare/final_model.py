@@ -1,0 +1,106 @@
+"""What the final checkpoint of a run does on validation tokens: capacity drops and PES.
+
+Shape legend: B batch, S sequence, T = B * S tokens of one validation batch, H hidden size,
+E experts, K slots per token, N sampled tokens.
+
+``analyze_final_model(run_dir)``:
+
+1. Rebuild the model from ``run_dir/config.json`` and load the newest checkpoint (single process,
+   whatever EP size the run used: checkpoints store experts in the global layout).
+2. Run the fixed validation batches (the same ones for every variant: they depend on the seed
+   only) in eval mode; a forward pre-hook records each MoE layer's input x_TH.
+3. Drops at capacity factor ``cf``: per layer and batch, route x_TH with the layer's router; an
+   expert accepts ``ceil(cf * slots / E)`` token-slots (slots = T * K for top-k routers, the
+   capacity ``moe_dist.parallel.permute.capacity_per_expert`` uses); the excess is dropped.
+   Reported: dropped / routed slots over all batches, per layer, and their mean over layers.
+4. PES (SimBal Eq. 5-6): on the first ``pes_tokens`` validation tokens, every expert's output for
+   the expert input (x, plus the router's decoded latent for LPR), mean pairwise cosine;
+   ``moe_dist.metrics.pairwise_expert_similarity`` per layer, min over layers as the paper reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_dist import checkpoint, metrics
+from moe_dist.config import config_from_dict
+from moe_dist.data import TokenBatches, load_corpus
+from moe_dist.models import build_model
+from moe_dist.parallel.groups import ParallelGroups
+
+
+def capacity_drops(counts_E: torch.Tensor, capacity_factor: float) -> tuple[float, float]:
+    """(dropped slots, routed slots) when each expert accepts ``ceil(cf * slots / E)``."""
+    routed = float(counts_E.sum())
+    cap = math.ceil(capacity_factor * routed / counts_E.numel())
+    return float((counts_E - cap).clamp(min=0).sum()), routed
+
+
+@torch.no_grad()
+def analyze_final_model(
+    run_dir: str | Path,
+    num_batches: int | None = None,
+    pes_tokens: int = 1024,
+    capacity_factor: float = 1.0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    groups = ParallelGroups.single()
+    model = build_model(cfg.model, groups, seed=cfg.run.seed)
+    loaded = checkpoint.load(checkpoint.choose(run_dir / "checkpoints", groups), model, None, groups)
+    model.to(device).eval()
+    batches = TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)
+    layers = model.moe_layers()
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
+        for i, layer in enumerate(layers)
+    ]
+    dropped = [0.0] * len(layers)
+    routed = [0.0] * len(layers)
+    pes_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    n_pes = 0
+    try:
+        for b in range(num_batches or cfg.eval.batches):
+            x_BS, _ = batches.val_batch(b)
+            model(x_BS.to(device))
+            for i, layer in enumerate(layers):
+                x_TH = inputs[i].reshape(-1, layer.hidden_size).float()
+                routing = layer.router(x_TH)
+                d, r = capacity_drops(routing.counts_E(), capacity_factor)
+                dropped[i] += d
+                routed[i] += r
+                if n_pes < pes_tokens:
+                    xe_TH = (
+                        x_TH
+                        if routing.expert_input_delta_TH is None
+                        else x_TH + routing.expert_input_delta_TH
+                    )
+                    pes_inputs[i].append(xe_TH[: pes_tokens - n_pes])
+            n_pes = min(pes_tokens, n_pes + x_BS.numel())
+    finally:
+        for h in hooks:
+            h.remove()
+    drop_per_layer = [metrics.dropped_fraction(d, r) for d, r in zip(dropped, routed)]
+    pes_per_layer = [
+        metrics.pairwise_expert_similarity(layer.experts, torch.cat(xs))
+        for layer, xs in zip(layers, pes_inputs)
+    ]
+    return {
+        "checkpoint_step": loaded.step,
+        "capacity_factor": capacity_factor,
+        "drop_fraction_per_layer": drop_per_layer,
+        "drop_fraction": sum(drop_per_layer) / len(drop_per_layer),
+        "pes_tokens": n_pes,
+        "pes_per_layer": pes_per_layer,
+        "pes_min": min(pes_per_layer),
+        "pes_mean": sum(pes_per_layer) / len(pes_per_layer),
+    }

@@ -1,0 +1,213 @@
+"""Expert MLPs: the routed experts of one EP rank as one grouped GEMM, and dense shared experts.
+
+Shape legend: X dispatched rows (expert-major), H hidden size, F ffn hidden size, E experts
+(global), e local experts on this EP rank.
+
+``GroupedExperts.forward(x_XH, tokens_per_expert_e)``: rows ``x_XH`` are sorted by local
+expert, ``tokens_per_expert_e[i]`` rows for local expert i (zero is fine).
+
+1. h_XF = act(x @ w1[i]) (* x @ w3[i] for SwiGLU), per expert group of rows.
+2. y_XH = h_XF @ w2[i].
+
+On CUDA each GEMM is one ``torch.nn.functional.grouped_mm`` call where it works (probed once
+per (device, dtype): bf16 on Hopper-class GPUs, 16-byte aligned rows). Elsewhere, and on CPU by
+choice, a loop runs the whole MLP per expert (see ``GroupedExperts.use_grouped_mm``). Both give
+zero (not None) weight gradients to experts without tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``grouped_mm`` runs and is correct here; probed once (tiny GEMM vs a loop)."""
+    key = (str(device), dtype)
+    if key not in _GROUPED_MM_OK:
+        ok = False
+        fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+        if fn is not None:
+            try:
+                a = torch.arange(32 * 16, device=device).reshape(32, 16).remainder(7).to(dtype)
+                b = torch.arange(2 * 16 * 16, device=device).reshape(2, 16, 16).remainder(5).to(dtype)
+                offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+                got = fn(a, b, offs=offs)
+                want = torch.cat([a[:16] @ b[0], a[16:] @ b[1]])
+                ok = bool(torch.equal(got, want))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (grouped_mm's backward needs it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+def grouped_matmul(
+    x_XA: torch.Tensor, w_eAB: torch.Tensor, tokens_per_expert_e: torch.Tensor, use_grouped_mm: bool
+) -> torch.Tensor:
+    """``y[rows of expert i] = x[rows of expert i] @ w[i]``; ``tokens_per_expert_e`` on the host."""
+    if use_grouped_mm:
+        offs_e = torch.cumsum(tokens_per_expert_e, 0).to(
+            device=x_XA.device, dtype=torch.int32, non_blocking=True
+        )
+        fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        return _ContiguousGrad.apply(fn(x_XA, w_eAB, offs=offs_e))
+    # Empty groups still multiply (a [0, A] @ [A, B] matmul) so every expert's weight gets a
+    # zero gradient instead of None.
+    chunks = torch.split(x_XA, tokens_per_expert_e.tolist())
+    return torch.cat([chunk @ w_AB for chunk, w_AB in zip(chunks, w_eAB.unbind(0))])
+
+
+class GroupedExperts(nn.Module):
+    """The ``num_local_experts`` routed experts of one EP rank.
+
+    Weights ``w1_eHF``, ``w3_eHF`` (SwiGLU only) and ``w2_eFH`` carry ``expert_parallel = True``:
+    their gradients reduce over the expert-data-parallel group only.
+
+    Init: every expert weight ~ N(0, init_std), ``w2`` ~ N(0, out_std) with ``out_std`` =
+    ``init_std / sqrt(2)`` by default (the output projection feeds a residual sum; pass a
+    depth-scaled value for deep models). All ``num_experts`` global experts are drawn in global
+    order from the default torch generator and only this rank's slice is kept, so the weights of
+    global expert g, and all later draws, are identical for every EP size.
+    """
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        hidden: int,
+        ffn_hidden: int,
+        activation: Literal["swiglu", "gelu"] = "swiglu",
+        init_std: float = 0.02,
+        out_std: float | None = None,
+        num_experts: int | None = None,
+        first_expert: int = 0,
+    ) -> None:
+        super().__init__()
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"GroupedExperts: activation must be 'swiglu' or 'gelu', got {activation!r}")
+        self.num_local_experts = num_local_experts
+        self.num_experts = num_experts if num_experts is not None else num_local_experts
+        self.first_expert = first_expert
+        if not 0 <= first_expert <= self.num_experts - num_local_experts:
+            raise ValueError(
+                f"GroupedExperts: local experts [{first_expert}, {first_expert + num_local_experts}) "
+                f"outside the {self.num_experts} global experts"
+            )
+        self.hidden, self.ffn_hidden, self.activation = hidden, ffn_hidden, activation
+        self.force_grouped_mm: bool | None = None  # None: choose by device (see use_grouped_mm)
+        self.init_std = init_std
+        self.out_std = out_std if out_std is not None else init_std / math.sqrt(2.0)
+        e, H, Fh = num_local_experts, hidden, ffn_hidden
+        self.w1_eHF = nn.Parameter(torch.empty(e, H, Fh))
+        self.w3_eHF = nn.Parameter(torch.empty(e, H, Fh)) if activation == "swiglu" else None
+        self.w2_eFH = nn.Parameter(torch.empty(e, Fh, H))
+        for p in self.parameters():
+            p.expert_parallel = True  # type: ignore[attr-defined]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        local = slice(self.first_expert, self.first_expert + self.num_local_experts)
+        weights = [(self.w1_eHF, self.init_std), (self.w3_eHF, self.init_std), (self.w2_eFH, self.out_std)]
+        for w, std in weights:
+            if w is None:
+                continue
+            for g in range(self.num_experts):  # one expert at a time: peak memory is one expert
+                draw = torch.empty(w.shape[1:], dtype=torch.float32).normal_(0.0, std)
+                if local.start <= g < local.stop:
+                    w[g - local.start].copy_(draw)
+
+    def forward(self, x_XH: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
+        tokens_per_expert_e = tokens_per_expert_e.to("cpu", torch.int64)
+        dt = x_XH.dtype
+        w1, w2 = self.w1_eHF.to(dt), self.w2_eFH.to(dt)
+        w3 = self.w3_eHF.to(dt) if self.w3_eHF is not None else None
+        if self.use_grouped_mm(x_XH):
+            h_XF = grouped_matmul(x_XH, w1, tokens_per_expert_e, True)
+            if w3 is not None:
+                h_XF = F.silu(h_XF) * grouped_matmul(x_XH, w3, tokens_per_expert_e, True)
+            else:
+                h_XF = F.gelu(h_XF)
+            return grouped_matmul(h_XF, w2, tokens_per_expert_e, True)
+        # Whole MLP per expert: every intermediate is one expert's [rows, F], not [X, F].
+        # unbind: one backward that stacks all experts' grads (indexing w[i] per expert would
+        # allocate a full-size zero gradient per expert); empty experts still multiply, so
+        # their gradient is zeros, not None.
+        w1s, w2s = w1.unbind(0), w2.unbind(0)
+        w3s = w3.unbind(0) if w3 is not None else None
+        outs = []
+        for i, x_nH in enumerate(torch.split(x_XH, tokens_per_expert_e.tolist())):
+            h_nF = x_nH @ w1s[i]
+            h_nF = F.silu(h_nF) * (x_nH @ w3s[i]) if w3s is not None else F.gelu(h_nF)
+            outs.append(h_nF @ w2s[i])
+        return torch.cat(outs)
+
+    def use_grouped_mm(self, x_XH: torch.Tensor) -> bool:
+        """grouped_mm on CUDA where it works (bf16, aligned). On CPU, grouped_mm is itself a loop
+        of per-expert GEMMs, and the per-expert MLP loop is faster there: its intermediates are
+        one expert's size, so they reuse allocator memory instead of page-faulting fresh [X, F]
+        buffers each step (tools/bench_layer.py; set ``force_grouped_mm`` to compare)."""
+        wanted = x_XH.device.type == "cuda" if self.force_grouped_mm is None else self.force_grouped_mm
+        return (
+            wanted
+            and grouped_mm_supported(x_XH.device, x_XH.dtype)
+            and _aligned(x_XH, self.hidden, self.ffn_hidden)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.first_expert}..{self.first_expert + self.num_local_experts - 1} "
+            f"of {self.num_experts}, "
+            f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, activation={self.activation}"
+        )
+
+
+def _aligned(x_XH: torch.Tensor, hidden: int, ffn_hidden: int) -> bool:
+    """grouped_mm wants 16-byte aligned row strides (CPU and CUDA alike)."""
+    per16 = 16 // x_XH.element_size()
+    return hidden % per16 == 0 and ffn_hidden % per16 == 0
+
+
+class SharedExperts(nn.Module):
+    """``count`` dense SwiGLU experts applied to every token, their outputs summed (DeepSeek).
+
+    ``count`` experts of hidden size F summed equal one SwiGLU MLP of hidden size count * F, so
+    they are stored and computed as that one MLP (one GEMM each instead of ``count``).
+    Replicated like any dense weight (no ``expert_parallel`` mark).
+    """
+
+    def __init__(
+        self, count: int, hidden: int, ffn_hidden: int, init_std: float = 0.02, out_std: float | None = None
+    ) -> None:
+        super().__init__()
+        self.count = count
+        Fs = count * ffn_hidden
+        self.w1_HF = nn.Parameter(torch.empty(hidden, Fs))
+        self.w3_HF = nn.Parameter(torch.empty(hidden, Fs))
+        self.w2_FH = nn.Parameter(torch.empty(Fs, hidden))
+        with torch.no_grad():
+            self.w1_HF.normal_(0.0, init_std)
+            self.w3_HF.normal_(0.0, init_std)
+            self.w2_FH.normal_(0.0, out_std if out_std is not None else init_std / math.sqrt(2.0))
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        dt = x_TH.dtype
+        h_TF = F.silu(x_TH @ self.w1_HF.to(dt)) * (x_TH @ self.w3_HF.to(dt))
+        return h_TF @ self.w2_FH.to(dt)

@@ -1,0 +1,155 @@
+"""A small decoder-only MoE transformer (Llama/Mixtral layout): the model ``moe-dist train`` trains.
+
+Shape legend: B batch, S sequence, H model dim, V vocabulary, F dense FFN hidden size.
+
+Forward (``MoETransformer.forward(tokens_BS) -> (logits_BSV, aux_loss, aux_terms)``):
+1. h = embed(tokens).
+2. For each block: h += attn(norm(h)); h += ffn(norm(h)), where ffn is a dense SwiGLU MLP for
+   the first ``model.dense_layers`` blocks (DeepSeek's dense prefix) and a ``MoELayer`` after.
+3. logits = norm(h) @ embed^T (tied embeddings) or a separate output matrix.
+4. aux_loss = sum over MoE layers of every (already coefficient-weighted) aux term; aux_terms
+   sums each term by name over the layers, for logging.
+
+Activation checkpointing (``model.activation_checkpointing``) wraps each block in non-reentrant
+``torch.utils.checkpoint``. The backward pass re-runs the block's forward; the MoE layer's load
+statistics (token counts, drops, timings) must be counted once, so the recompute runs inside a
+context that snapshots those statistics and restores them afterwards (exact, no halving).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_dist.config import ModelConfig
+from moe_dist.layer import MoELayer
+from moe_dist.models.attention import CausalSelfAttention, residual_out_std
+from moe_dist.models.norm import RMSNorm
+from moe_dist.parallel.groups import ParallelGroups
+
+_TIMING_ATTRS = ("a2a_seconds", "expert_seconds")
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU MLP: (silu(x W1) * x W3) W2."""
+
+    def __init__(self, dim: int, hidden: int, out_std: float) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        nn.init.normal_(self.w1.weight, std=0.02)
+        nn.init.normal_(self.w3.weight, std=0.02)
+        nn.init.normal_(self.w2.weight, std=out_std)
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_BSH)) * self.w3(x_BSH))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, groups: ParallelGroups | None) -> None:
+        super().__init__()
+        out_std = residual_out_std(cfg.n_layers)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, out_std)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn: nn.Module
+        if index < cfg.dense_layers:
+            self.ffn = DenseFFN(cfg.dim, cfg.dense_ffn_hidden_size, out_std)
+        else:
+            self.ffn = MoELayer(cfg.moe, cfg.dim, groups)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, h_BSH: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        h_BSH = h_BSH + self.attn(self.attn_norm(h_BSH))
+        if self.is_moe:
+            y_BSH, aux = self.ffn(self.ffn_norm(h_BSH))
+        else:
+            y_BSH, aux = self.ffn(self.ffn_norm(h_BSH)), {}
+        return h_BSH + y_BSH, aux
+
+
+@contextlib.contextmanager
+def _stats_restored(layer: nn.Module) -> Iterator[None]:
+    """Undo every buffer and timing change a recomputed forward makes (count once)."""
+    saved = {name: buf.clone() for name, buf in layer.named_buffers()}
+    timings = {a: getattr(layer, a) for a in _TIMING_ATTRS if hasattr(layer, a)}
+    last_aux = getattr(layer, "last_aux", None)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in layer.named_buffers():
+                if name in saved:
+                    buf.copy_(saved[name])
+        for a, v in timings.items():
+            setattr(layer, a, v)
+        if last_aux is not None:
+            layer.last_aux = last_aux
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only transformer whose FFNs are ``MoELayer``s (after ``dense_layers`` dense ones).
+
+    Build every rank's model after seeding the default generator identically (``torch.manual_seed``):
+    replicated weights then agree across ranks, and expert weights match the global layout for
+    any EP size (``GroupedExperts`` draws all experts in global order).
+    """
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg, i, groups) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = None
+        if not cfg.tie_embeddings:
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.output.weight, std=0.02)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]
+
+    def _run_block(self, block: Block, h_BSH: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not (self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()):
+            return block(h_BSH)
+
+        def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+            recompute = _stats_restored(block.ffn) if block.is_moe else contextlib.nullcontext()
+            return contextlib.nullcontext(), recompute
+
+        return checkpoint(block, h_BSH, use_reentrant=False, context_fn=contexts)
+
+    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        h_BSH = self.embed(tokens_BS)
+        aux_terms: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            h_BSH, aux = self._run_block(block, h_BSH)
+            for name, value in aux.items():
+                aux_terms[name] = aux_terms[name] + value if name in aux_terms else value
+        h_BSH = self.norm(h_BSH)
+        weight_VH = self.embed.weight if self.output is None else self.output.weight
+        logits_BSV = F.linear(h_BSH, weight_VH.to(h_BSH.dtype))
+        aux_loss = sum(aux_terms.values(), torch.zeros((), device=logits_BSV.device))
+        return logits_BSV, aux_loss, aux_terms
+
+    def num_params(self) -> dict[str, int]:
+        """Parameters on this rank: total, and the expert-parallel share."""
+        expert = sum(p.numel() for p in self.parameters() if getattr(p, "expert_parallel", False))
+        return {"total": sum(p.numel() for p in self.parameters()), "expert": expert}
+
+
+def build_model(cfg: ModelConfig, groups: ParallelGroups | None = None, seed: int = 0) -> MoETransformer:
+    """The model with weights drawn from ``seed`` (identical replicated weights on every rank)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MoETransformer(cfg, groups)
