@@ -8,7 +8,10 @@ Tokens are bytes (vocabulary 256): nothing to download, nothing to train. Source
 - one token file ``NAME.bin`` with its header ``NAME.bin.json`` (``moe-dist prepare-data`` writes
   them; uint8 or uint16 tokens), memory-mapped, for corpora larger than memory.
 
-Split: the last ``data.val_fraction`` of the tokens is validation (a fixed byte split).
+Split: text corpora are split by file: a file is validation when a hash of its name falls in
+the first ``data.val_fraction`` of the hash range (whole files, the same distribution as
+training). When that leaves either side shorter than a sequence (one file, few files) and for
+token files, the last ``data.val_fraction`` of the tokens is validation (a fixed byte split).
 
 Sampling: the batch of (step, micro-batch, rank) starts at offsets drawn from a generator seeded
 by ``(seed, step, micro, rank)``: every rank reads different batches, no state is kept, and a
@@ -24,6 +27,7 @@ import glob
 import json
 import os
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +50,7 @@ class Corpus:
     tokens: np.ndarray  # 1-D uint8/uint16, maybe a memmap
     source: str  # what was read, for messages
     vocab_size: int = 256
+    val_start: int | None = None  # tokens[val_start:] are whole validation files (text corpora)
 
 
 def stdlib_files() -> list[Path]:
@@ -77,8 +82,14 @@ def _expand(path_spec: str) -> list[Path]:
     raise DataError(f"data.paths: {path_spec!r} does not exist")
 
 
-def _read_files(files: list[Path], max_bytes: int | None) -> np.ndarray:
-    chunks, total = [], 0
+def is_validation_file(path: Path, val_fraction: float) -> bool:
+    """A file's split, from a hash of its name: stable across machines, reorderings and caps."""
+    return zlib.crc32(path.name.encode()) % 1_000_000 < val_fraction * 1_000_000
+
+
+def _read_files(files: list[Path], max_bytes: int | None, val_fraction: float, source: str) -> Corpus:
+    """Read files in order up to ``max_bytes``; training files first, then validation files."""
+    chunks, val_chunks, total = [], [], 0
     for f in files:
         try:
             data = f.read_bytes()
@@ -86,11 +97,13 @@ def _read_files(files: list[Path], max_bytes: int | None) -> np.ndarray:
             raise DataError(f"data.paths: cannot read {str(f)!r}: {exc.strerror}") from None
         if max_bytes is not None:
             data = data[: max_bytes - total]
-        chunks.append(data)
+        (val_chunks if is_validation_file(f, val_fraction) else chunks).append(data)
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             break
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    train = b"".join(chunks)
+    tokens = np.frombuffer(train + b"".join(val_chunks), dtype=np.uint8)
+    return Corpus(tokens=tokens, source=source, val_start=len(train))
 
 
 def read_token_file(path: Path) -> Corpus:
@@ -134,7 +147,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         source = f"Python standard library ({sysconfig.get_paths()['stdlib']})"
         if not files:
             raise DataError(f"data.paths: empty, and no *.py files under {source}; set data.paths")
-        return Corpus(tokens=_read_files(files, cfg.max_bytes), source=source)
+        return _read_files(files, cfg.max_bytes, cfg.val_fraction, source)
     bins = [p for p in cfg.paths if p.endswith(".bin")]
     if bins:
         if len(cfg.paths) != 1:
@@ -147,7 +160,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             corpus.tokens = corpus.tokens[: cfg.max_bytes // corpus.tokens.itemsize]
         return corpus
     files = [f for spec in cfg.paths for f in _expand(spec)]
-    return Corpus(tokens=_read_files(files, cfg.max_bytes), source=", ".join(cfg.paths))
+    return _read_files(files, cfg.max_bytes, cfg.val_fraction, ", ".join(cfg.paths))
 
 
 class TokenBatches:
@@ -162,7 +175,9 @@ class TokenBatches:
                 f"data.paths: {corpus.source} has vocab_size {corpus.vocab_size} "
                 f"> model.vocab_size ({vocab_size})"
             )
-        split = n - int(n * cfg.val_fraction)
+        split = corpus.val_start
+        if split is None or min(split, n - split) < need:  # no file split (or too few files): bytes
+            split = n - int(n * cfg.val_fraction)
         self.train, self.val = corpus.tokens[:split], corpus.tokens[split:]
         for name, part in (("training", self.train), ("validation", self.val)):
             if len(part) < need:

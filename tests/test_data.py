@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from moe_dist.config import DataConfig
-from moe_dist.data import DataError, TokenBatches, load_corpus, read_token_file, stdlib_files
+from moe_dist.data import (
+    DataError,
+    TokenBatches,
+    is_validation_file,
+    load_corpus,
+    read_token_file,
+    stdlib_files,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,12 +28,25 @@ def test_stdlib_corpus_is_sorted_capped_and_split() -> None:
     files = stdlib_files()
     assert files == sorted(files) and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts for f in files)
-    cfg = DataConfig(max_bytes=50_000, seq_len=64, val_fraction=0.1)
+    cfg = DataConfig(max_bytes=2_000_000, seq_len=64, val_fraction=0.1)
     corpus = load_corpus(cfg)
-    assert len(corpus.tokens) == 50_000
-    assert bytes(corpus.tokens[:200]) == files[0].read_bytes()[:200]
+    assert len(corpus.tokens) == 2_000_000
+    first_train = next(f for f in files if not is_validation_file(f, 0.1))
+    assert bytes(corpus.tokens[:200]) == first_train.read_bytes()[:200]
     batches = TokenBatches(corpus, cfg, seed=1, vocab_size=256)
-    assert len(batches.val) == 5_000 and len(batches.train) == 45_000
+    # split by file name hash: whole files, roughly val_fraction of the bytes, same on every load
+    assert len(batches.val) + len(batches.train) == 2_000_000
+    assert 0.03 < len(batches.val) / 2_000_000 < 0.25
+    assert corpus.val_start == len(batches.train)
+    assert load_corpus(cfg).val_start == corpus.val_start
+
+
+def test_one_file_falls_back_to_a_byte_split(tmp_path: Path) -> None:
+    path = tmp_path / "one.txt"
+    path.write_bytes(b"x" * 10_000)
+    cfg = DataConfig(paths=[str(path)], seq_len=16, val_fraction=0.1)
+    batches = TokenBatches(load_corpus(cfg), cfg, seed=0, vocab_size=256)
+    assert (len(batches.train), len(batches.val)) == (9_000, 1_000)
 
 
 def test_batches_are_shifted_deterministic_and_differ_by_rank(tmp_path: Path) -> None:

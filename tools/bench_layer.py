@@ -39,7 +39,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe_dist.config import MoEConfig  # noqa: E402
-from moe_dist.experts import grouped_mm_supported  # noqa: E402
 from moe_dist.layer import MoELayer  # noqa: E402
 from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
 
@@ -324,7 +323,7 @@ def run_cuda(args: argparse.Namespace) -> dict:
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16).requires_grad_()
         gy = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         layer = our_layer(H, Fh, E, K, ParallelGroups.single()).to(device=dev, dtype=torch.bfloat16)
-        note = "grouped_mm" if grouped_mm_supported(x.device, x.dtype) else "per-expert loop"
+        note = "grouped_mm" if layer.experts.use_grouped_mm(x) else "per-expert loop"
         impls: dict[str, Any] = {"ours": (_layer_step(layer, x, gy), note)}
         try:
             impls["megatron-core"] = _megatron_step(x, gy, H, Fh, E, K)
@@ -333,7 +332,11 @@ def run_cuda(args: argparse.Namespace) -> dict:
                 {"shape": shape_name, "impl": "megatron-core", "error": f"{type(exc).__name__}: {exc}"}
             )
         for name, (step, note) in impls.items():
-            secs = _cuda_time(step, args.iters, args.warmup)
+            try:
+                secs = _cuda_time(step, args.iters, args.warmup)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report, go on to the next
+                rows.append({"shape": shape_name, "impl": name, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             tflops = layer_flops(T, H, Fh, K) / secs / 1e12
             rows.append(
                 {

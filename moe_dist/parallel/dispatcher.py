@@ -77,6 +77,7 @@ class AllToAllDispatcher:
         capacity = None
         if self.capacity_factor is not None:
             capacity = capacity_per_expert(self.capacity_factor, T, K, E)
+        # 1. slots sorted by global expert id; unused and dropped slots last.
         order_S, kept_counts_E = sort_slots(
             routing.experts_TK.reshape(-1), E, routing.weights_TK.reshape(-1), capacity
         )
@@ -115,9 +116,11 @@ class AllToAllDispatcher:
         return recv_YH, tokens_per_local_expert_e, ctx
 
     def combine(self, expert_out_YH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
+        # 1. expert-major -> rank-major, back to the source ranks.
         if ctx.to_rank_major_Y is not None:
             expert_out_YH = expert_out_YH.index_select(0, ctx.to_rank_major_Y)
         out_XH = all_to_all(expert_out_YH, ctx.input_splits, ctx.output_splits, self.ep_group)
+        # 2. rows to their slots, then the weighted sum over each token's K slots.
         T, K, H = ctx.num_tokens, ctx.top_k, out_XH.shape[-1]
         # In place into a fresh zero buffer (no clone); autograd tracks it through out_XH.
         buf_SH = out_XH.new_zeros(T * K, H).index_copy_(0, ctx.slots_X, out_XH)
