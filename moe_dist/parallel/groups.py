@@ -63,7 +63,9 @@ class ParallelGroups:
         """Create the groups from the default process group (every rank must call this)."""
         if not dist.is_available() or not dist.is_initialized():
             if ep_size != 1:
-                raise RuntimeError(f"expert-parallel size {ep_size} needs torch.distributed to be initialised")
+                raise RuntimeError(
+                    f"expert-parallel size {ep_size} needs torch.distributed to be initialised"
+                )
             return cls.single()
         world_size, rank = dist.get_world_size(), dist.get_rank()
         ep_groups, expert_dp_groups = ep_layout(world_size, ep_size)
