@@ -170,7 +170,7 @@ def build_metrics() -> MetricSet:
         received_ratio=Gauge(
             "moe_rank_received_tokens_ratio",
             "Tokens this rank's experts received / mean per "
-            "rank over the last interval (straggler signal: > 1 = overloaded).",
+            "rank since the start of the run (straggler signal: > 1 = overloaded).",
             registry=reg,
         ),
         last_step_timestamp=Gauge(

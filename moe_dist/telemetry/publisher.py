@@ -49,6 +49,11 @@ class Publisher:
         self.m = metrics
         self.roles = roles
         self._expert_children: list[list] = []
+        # Received tokens since the start (this rank's, the group's): the straggler ratio is taken
+        # over these because ranks throttle publishing by their own clocks, so their last
+        # intervals differ; cumulative totals agree across ranks whenever all have published.
+        self._received_local = 0.0
+        self._received_group = 0.0
         self.queue: queue.Queue[HostSnapshot | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="moe-telemetry-publish", daemon=True)
         self.thread.start()
@@ -99,9 +104,10 @@ class Publisher:
             r.tokens_per_second.set(snap.tokens / snap.step_seconds)
             r.step_seconds.set(snap.step_seconds / snap.steps)
         # Mean tokens per rank = all tokens the group's experts received / world size.
-        total = float(v["received_LE"].sum())
-        if total > 0:
-            r.received_ratio.set(float(v["local_received_L"].sum()) * self.roles.world_size / total)
+        self._received_local += float(v["local_received_L"].sum())
+        self._received_group += float(v["received_LE"].sum())
+        if self._received_group > 0:
+            r.received_ratio.set(self._received_local * self.roles.world_size / self._received_group)
         if self.roles.exports_layers:
             for term, value in snap.losses.items():
                 if math.isfinite(value):
