@@ -10,12 +10,13 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from moe_dist.balancing.base import BalancingLoss, Load
+from moe_dist.balancing.aux import aux_losses, loss_names
+from moe_dist.balancing.base import BalancingLoss
 from moe_dist.config import ConfigError, MoEConfig, validate_moe
 from moe_dist.experts import GroupedExperts, SharedExperts
+from moe_dist.layer_stats import register_stats, reset_stats
 from moe_dist.parallel.dispatcher import AllToAllDispatcher
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.registry import LOSSES, ROUTERS
@@ -62,7 +63,7 @@ class MoELayer(nn.Module):
         self.top_k = rcfg.top_k
         self.router: Router = ROUTERS.get(rcfg.name)(rcfg, hidden_size, E)
         self.losses: list[BalancingLoss] = [LOSSES.get(c.name)(c, E, rcfg.top_k) for c in cfg.losses]
-        self.loss_names = _unique_names([type(loss).registry_name or loss.cfg.name for loss in self.losses])
+        self.loss_names = loss_names(self.losses)
         ex = cfg.experts
         self.experts = GroupedExperts(
             self.num_local_experts,
@@ -82,24 +83,11 @@ class MoELayer(nn.Module):
                 init_std=ex.init_std,
             )
         self.dispatcher = AllToAllDispatcher(E, self.groups.ep_group, cfg.capacity_factor)
-        # Statistics: non-persistent, they are per-step scratch (and [e] depends on the EP size).
-        self.register_buffer("tokens_per_expert_E", torch.zeros(E), persistent=False)
-        self.register_buffer(
-            "received_per_local_expert_e", torch.zeros(self.num_local_experts), persistent=False
-        )
-        self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
-        self.last_aux: dict[str, torch.Tensor] = {}
-        self.timing = False
-        self.a2a_seconds = 0.0
-        self.expert_seconds = 0.0
+        register_stats(self, E, self.num_local_experts)
+        self.last_aux: dict[str, torch.Tensor]  # set by register_stats; typed here
 
-    @torch.no_grad()
     def reset_stats(self) -> None:
-        self.tokens_per_expert_E.zero_()
-        self.received_per_local_expert_e.zero_()
-        self.dropped_tokens.zero_()
-        self.a2a_seconds = 0.0
-        self.expert_seconds = 0.0
+        reset_stats(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
@@ -140,21 +128,18 @@ class MoELayer(nn.Module):
         return y_TH.view(x.shape), aux
 
     def _aux_losses(self, routing: Any, counts_E: torch.Tensor, B: int, S: int) -> dict[str, torch.Tensor]:
-        load = Load(counts_E=counts_E, num_tokens=B * S, batch_size=B, seq_len=S)
         world = self.groups.world_group
-        if any(loss.needs_global_counts for loss in self.losses):
-            total_E1 = torch.cat([counts_E, counts_E.new_full((1,), float(B * S))])
-            if world is not None and dist.is_initialized():
-                dist.all_reduce(total_E1, group=world)
-            load.global_counts_E = total_E1[:-1]
-            load.global_num_tokens = int(total_E1[-1].item())
-        aux = {
-            name: loss.cfg.coef * loss(routing, load, self.router)
-            for name, loss in zip(self.loss_names, self.losses)
-        }
-        for name, value in routing.losses.items():
-            aux[name] = aux[name] + value if name in aux else value
-        return aux
+        return aux_losses(
+            routing,
+            counts_E,
+            B,
+            S,
+            self.losses,
+            self.loss_names,
+            self.router,
+            world,
+            reduce_counts=world is not None,
+        )
 
     def _clock(self) -> float:
         if not self.timing:
@@ -165,13 +150,3 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, local={self.num_local_experts}, top_k={self.top_k}"
-
-
-def _unique_names(names: list[str]) -> list[str]:
-    """Loss names as logged; a name configured twice gets ``_1``, ``_2``... suffixes."""
-    out: list[str] = []
-    seen: dict[str, int] = {}
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}_{seen[name] - 1}")
-    return out

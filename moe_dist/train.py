@@ -73,6 +73,24 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.out_dir) / cfg.run.name
 
 
+def start_run(
+    cfg: Config, local_rank: int, stream: Any
+) -> tuple[ParallelGroups, torch.device, Console, TokenBatches]:
+    """Both engines' start, process groups up: DP x EP groups, threads, device, console, data."""
+    groups = ParallelGroups.build(cfg.parallel.ep_size)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = pick_device(cfg.run.device, local_rank)
+    console = Console(cfg.schedule.steps, groups.rank == 0, cfg.run.log_every, stream)
+    batches = TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)
+    return groups, device, console, batches
+
+
+def tokens_per_optimizer_step(cfg: Config, groups: ParallelGroups) -> int:
+    """Tokens the whole world trains on per optimizer step."""
+    return groups.world_size * cfg.data.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len
+
+
 def _all_reduce_mean(losses: torch.Tensor, dropped: torch.Tensor, groups: ParallelGroups) -> list[float]:
     """Mean of the loss terms over ranks, and dropped counts summed over ranks: one collective."""
     t = torch.cat([losses, dropped.to(losses.device)])
@@ -86,6 +104,37 @@ def _layer_record(block_index: int, counts_E: torch.Tensor, dropped: float) -> d
     from moe_dist.metrics import load_summary  # noqa: PLC0415 - metrics is optional at import time
 
     return {"layer": block_index, "counts": counts_E.tolist(), **load_summary(counts_E, dropped)}
+
+
+def end_summary(
+    run_dir: Path,
+    step: int,
+    result: TrainResult,
+    groups: ParallelGroups,
+    moe_blocks: list[int],
+    write: bool,
+    engine: dict[str, Any] | None = None,
+    checkpoints: Path | None = None,
+) -> dict[str, Any]:
+    """summary.json's content (written when ``write``): ``engine`` fields go before the layers."""
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "steps": step,
+        "final_loss": result.losses.get(step),
+        "val_loss": result.final_val_loss,
+        "tokens_per_s": result.tokens_per_s,
+        "seconds": result.seconds,
+        "world_size": groups.world_size,
+        "ep_size": groups.ep_size,
+        **(engine or {}),
+        "layers": [{"layer": b, "counts": c} for b, c in zip(moe_blocks, result.counts_per_layer)],
+    }
+    if checkpoints is not None:
+        summary["checkpoints"] = str(checkpoints)
+    summary["metrics_log"] = str(run_dir / "metrics.jsonl")
+    if write:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 @torch.no_grad()
@@ -161,13 +210,8 @@ def train(
     tel = None
     try:
         check_world_size(cfg, info.world_size)
-        groups = ParallelGroups.build(cfg.parallel.ep_size)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        device = pick_device(cfg.run.device, info.local_rank)
+        groups, device, console, batches = start_run(cfg, info.local_rank, stream)
         is_main = groups.rank == 0
-        console = Console(cfg.schedule.steps, is_main, cfg.run.log_every, stream)
-        batches = TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)
         model = build_model(cfg.model, groups, seed=cfg.run.seed).to(device)
         model.train()
         optimizer = build_optimizer(model, cfg.optim, device)
@@ -228,9 +272,7 @@ def train(
             f" = DP {groups.dp_size} x EP {groups.ep_size}, device {device}, data: {batches.source}"
         )
         result = TrainResult(run_dir=run_dir, start_step=start_step)
-        tokens_per_step = (
-            groups.world_size * cfg.data.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len
-        )
+        tokens_per_step = tokens_per_optimizer_step(cfg, groups)
         t_run = time.perf_counter()
         step = start_step
 
@@ -326,21 +368,9 @@ def train(
         result.counts_per_layer = [c.tolist() for c in counts_total]
         if steps_run == 0 and not result.val_losses:  # resumed at the end: just evaluate
             result.val_losses[step] = evaluate(model, batches, cfg.eval.batches, groups, device, autocast)
-        summary = {
-            "run_dir": str(run_dir),
-            "steps": step,
-            "final_loss": result.losses.get(step),
-            "val_loss": result.final_val_loss,
-            "tokens_per_s": result.tokens_per_s,
-            "seconds": result.seconds,
-            "world_size": groups.world_size,
-            "ep_size": groups.ep_size,
-            "layers": [{"layer": b, "counts": c} for b, c in zip(moe_blocks, result.counts_per_layer)],
-            "checkpoints": str(ckpt_root),
-            "metrics_log": str(run_dir / "metrics.jsonl"),
-        }
-        if is_main and stop_after is None:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summary = end_summary(
+            run_dir, step, result, groups, moe_blocks, is_main and stop_after is None, checkpoints=ckpt_root
+        )
         if log is not None:
             log.close()
         if tel is not None:

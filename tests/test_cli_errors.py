@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from cli_helpers import run_cli
 
 # (command, --set overrides, text the message must contain)
 CASES = [
@@ -41,37 +38,22 @@ CASES = [
 @pytest.mark.parametrize(("command", "overrides", "message"), CASES, ids=[c[2][:40] for c in CASES])
 def test_bad_config_gives_one_clear_message(command: str, overrides: list[str], message: str) -> None:
     args = [a for o in overrides for a in ("--set", o)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "moe_dist.cli", command, "configs/demo.yaml", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = run_cli(command, "configs/demo.yaml", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_several_errors_are_reported_at_once() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moe_dist.cli",
-            "check",
-            "configs/demo.yaml",
-            "--set",
-            "optim.lr=0",
-            "--set",
-            "model.moe.router.top_k=9",
-            "--set",
-            "run.bogus=1",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
+    proc = run_cli(
+        "check",
+        "configs/demo.yaml",
+        "--set",
+        "optim.lr=0",
+        "--set",
+        "model.moe.router.top_k=9",
+        "--set",
+        "run.bogus=1",
     )
     assert proc.returncode == 2
     for text in ("optim.lr:", "model.moe.router.top_k:", "run.bogus: unknown key"):
@@ -80,36 +62,21 @@ def test_several_errors_are_reported_at_once() -> None:
 
 
 def test_missing_config_file() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "moe_dist.cli", "check", "configs/nope.yaml"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = run_cli("check", "configs/nope.yaml")
     assert proc.returncode == 2 and "config file not found: configs/nope.yaml" in proc.stderr
 
 
 def test_fresh_train_refuses_a_run_dir_with_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "demo" / "checkpoints" / "step_000010").mkdir(parents=True)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moe_dist.cli",
-            "train",
-            "configs/demo.yaml",
-            "--set",
-            "parallel.ep_size=1",
-            "--set",
-            f"run.out_dir={tmp_path}",
-            "--set",
-            "data.max_bytes=100000",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
+    proc = run_cli(
+        "train",
+        "configs/demo.yaml",
+        "--set",
+        "parallel.ep_size=1",
+        "--set",
+        f"run.out_dir={tmp_path}",
+        "--set",
+        "data.max_bytes=100000",
     )
     assert proc.returncode == 2, proc.stderr
     assert "already has checkpoints (newest step_000010); continue it with --resume" in proc.stderr

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run_cli
 
 from moe_dist.config import config_from_dict, config_to_dict, load_config
 
@@ -39,21 +38,14 @@ def test_model_shapes_are_what_their_names_say() -> None:
 
 
 def test_check_cli_prints_the_resolved_config_with_overrides() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moe_dist.cli",
-            "check",
-            "configs/demo.yaml",
-            "--set",
-            "model.moe.num_experts=16",
-            "--set",
-            "model.moe.router.top_k=4",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    proc = run_cli(
+        "check",
+        "configs/demo.yaml",
+        "--set",
+        "model.moe.num_experts=16",
+        "--set",
+        "model.moe.router.top_k=4",
+        timeout=None,
     )
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)

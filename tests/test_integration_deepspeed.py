@@ -12,9 +12,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported h
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from integration_helpers import H, moe_config, valid_losses  # noqa: E402
 from multiprocess import run_on_ranks  # noqa: E402
 
-from moe_dist.config import MoEConfig, validate_moe  # noqa: E402
+from moe_dist.config import MoEConfig  # noqa: E402
 from moe_dist.integrations.deepspeed import (  # noqa: E402
     build_deepspeed_moe,
     copy_from_native,
@@ -22,35 +23,7 @@ from moe_dist.integrations.deepspeed import (  # noqa: E402
     slot_locations,
 )
 from moe_dist.layer import MoELayer  # noqa: E402
-from moe_dist.registry import LOSSES, ROUTERS  # noqa: E402
-
-H = 16
-
-
-def moe_config(
-    router: dict, losses: list[dict], E: int = 4, capacity_factor: float | None = None
-) -> MoEConfig:
-    cfg = MoEConfig(
-        num_experts=E,
-        router=router,
-        losses=losses,
-        experts={"ffn_hidden_size": 24},
-        capacity_factor=capacity_factor,
-    )
-    assert validate_moe(cfg, H) == []
-    return cfg
-
-
-def valid_losses(router_name: str) -> list[dict]:
-    """Every registered loss this router accepts (SimBal needs a router weight, ...)."""
-    out = []
-    for name in LOSSES.names():
-        cfg = MoEConfig(
-            num_experts=4, router={"name": router_name, "top_k": 2}, losses=[{"name": name, "coef": 0.1}]
-        )
-        if not validate_moe(cfg, H):
-            out.append({"name": name, "coef": 0.1})
-    return out
+from moe_dist.registry import ROUTERS  # noqa: E402
 
 
 def native_and_deepspeed(cfg: MoEConfig, groups=None, ep_size: int = 1, **kw):  # noqa: ANN001, ANN201

@@ -10,36 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from integration_helpers import E, H, moe_config, valid_losses
 from multiprocess import run_on_ranks
 
-from moe_dist.config import MoEConfig, validate_moe
+from moe_dist.config import MoEConfig
 from moe_dist.integrations.megatron import routing_to_megatron, transformer_config_fields
-from moe_dist.registry import LOSSES
-
-H, E = 16, 4
-
-
-def moe_config(router: dict, losses: list[dict], capacity_factor: float | None = None) -> MoEConfig:
-    cfg = MoEConfig(
-        num_experts=E,
-        router=router,
-        losses=losses,
-        experts={"ffn_hidden_size": 24},
-        capacity_factor=capacity_factor,
-    )
-    assert validate_moe(cfg, H) == []
-    return cfg
-
-
-def valid_losses(router_name: str) -> list[dict]:
-    out = []
-    for name in LOSSES.names():
-        cfg = MoEConfig(
-            num_experts=E, router={"name": router_name, "top_k": 2}, losses=[{"name": name, "coef": 0.1}]
-        )
-        if not validate_moe(cfg, H):
-            out.append({"name": name, "coef": 0.1})
-    return out
 
 
 def transformer_config(cfg: MoEConfig, ep_size: int = 1, **extra):  # noqa: ANN003, ANN201

@@ -42,7 +42,6 @@ from moe_dist.config import Config, ConfigError, check_world_size
 from moe_dist.integrations.deepspeed import MoeDistDeepSpeedMoE, build_deepspeed_moe, copy_from_native
 from moe_dist.integrations.plugin_routing import PluginRouting, after_step
 from moe_dist.layer import MoELayer
-from moe_dist.parallel.groups import ParallelGroups
 
 
 class DeepSpeedMoELayer(MoELayer):
@@ -172,13 +171,20 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     import deepspeed  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
 
-    from moe_dist.data import TokenBatches, load_corpus  # noqa: PLC0415
-    from moe_dist.metrics import load_summary  # noqa: PLC0415
     from moe_dist.models import build_model  # noqa: PLC0415
     from moe_dist.optim import lr_at, set_lr  # noqa: PLC0415
     from moe_dist.parallel.init import init_distributed, pick_backend, shutdown_distributed  # noqa: PLC0415
-    from moe_dist.run_log import Console, MetricsLog  # noqa: PLC0415
-    from moe_dist.train import TrainResult, _start_telemetry, evaluate, pick_device, run_dir_of  # noqa: PLC0415
+    from moe_dist.run_log import MetricsLog  # noqa: PLC0415
+    from moe_dist.train import (  # noqa: PLC0415
+        TrainResult,
+        _layer_record,
+        _start_telemetry,
+        end_summary,
+        evaluate,
+        run_dir_of,
+        start_run,
+        tokens_per_optimizer_step,
+    )
 
     errors = engine_config_errors(cfg) + (
         ["--resume: not supported with parallel.engine deepspeed"] if resume else []
@@ -192,13 +198,8 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     try:
         check_world_size(cfg, info.world_size)
         deepspeed.init_distributed(dist_backend=pick_backend(cfg.parallel))
-        groups = ParallelGroups.build(cfg.parallel.ep_size)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        device = pick_device(cfg.run.device, info.local_rank)
+        groups, device, console, batches = start_run(cfg, info.local_rank, stream)
         is_main = groups.rank == 0
-        console = Console(cfg.schedule.steps, is_main, cfg.run.log_every, stream)
-        batches = TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)
         model = convert_model(build_model(cfg.model, groups, seed=cfg.run.seed), cfg.parallel.ep_size)
         # 2-3. parameter groups, engine
         engine = initialize(model.to(device), cfg)
@@ -216,9 +217,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         moe_blocks = [i for i, b in enumerate(model.blocks) if b.is_moe]
         counts_total = [torch.zeros(cfg.model.moe.num_experts, dtype=torch.float64) for _ in moe_blocks]
         result = TrainResult(run_dir=run_dir, start_step=0)
-        tokens_per_step = (
-            groups.world_size * cfg.data.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len
-        )
+        tokens_per_step = tokens_per_optimizer_step(cfg, groups)
         t_run, step = time.perf_counter(), 0
         # 4. loop
         for step in range(1, cfg.schedule.steps + 1):
@@ -272,11 +271,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
                 "step_seconds": step_seconds,
                 "skipped": False,
                 "layers": [
-                    {
-                        "layer": b,
-                        "counts": c.float().cpu().tolist(),
-                        **load_summary(c.detach().float().cpu(), d),
-                    }
+                    _layer_record(b, c.detach().float().cpu(), d)
                     for b, c, d in zip(moe_blocks, global_counts, dropped)
                 ],
             }
@@ -295,22 +290,15 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         result.seconds = time.perf_counter() - t_run
         result.tokens_per_s = step * tokens_per_step / result.seconds if step else 0.0
         result.counts_per_layer = [c.tolist() for c in counts_total]
-        summary = {
-            "run_dir": str(run_dir),
-            "steps": step,
-            "final_loss": result.losses.get(step),
-            "val_loss": result.final_val_loss,
-            "tokens_per_s": result.tokens_per_s,
-            "seconds": result.seconds,
-            "world_size": groups.world_size,
-            "ep_size": groups.ep_size,
-            "engine": "deepspeed",
-            "zero_stage": cfg.parallel.zero_stage,
-            "layers": [{"layer": b, "counts": c} for b, c in zip(moe_blocks, result.counts_per_layer)],
-            "metrics_log": str(run_dir / "metrics.jsonl"),
-        }
-        if is_main and stop_after is None:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summary = end_summary(
+            run_dir,
+            step,
+            result,
+            groups,
+            moe_blocks,
+            is_main and stop_after is None,
+            engine={"engine": "deepspeed", "zero_stage": cfg.parallel.zero_stage},
+        )
         if tel is not None:
             tel.close(summary)
             tel = None

@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_dist.balancing.base import BalancingLoss, Load
+from moe_dist.balancing.aux import aux_losses, loss_names
+from moe_dist.balancing.base import BalancingLoss
 from moe_dist.config import ConfigError, MoEConfig, validate_moe
-from moe_dist.layer import _unique_names
+from moe_dist.layer_stats import register_stats, reset_stats
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.registry import LOSSES, ROUTERS
 from moe_dist.routing.base import Router, RouterConfig, Routing
@@ -69,19 +70,12 @@ class PluginRouting(nn.Module):
         self.top_k = rcfg.top_k
         self.router: Router = ROUTERS.get(rcfg.name)(rcfg, hidden_size, E)
         self.losses: list[BalancingLoss] = [LOSSES.get(c.name)(c, E, rcfg.top_k) for c in cfg.losses]
-        self.loss_names = _unique_names([type(loss).registry_name or loss.cfg.name for loss in self.losses])
+        self.loss_names = loss_names(self.losses)
         # The DP x EP group for global counts (None: the default group when initialised).
         self.counts_group = counts_group
-        self.register_buffer("tokens_per_expert_E", torch.zeros(E), persistent=False)
+        register_stats(self, E, self.num_local_experts)
+        self.last_aux: dict[str, torch.Tensor]  # set by register_stats; typed here
         self.register_buffer("kept_per_expert_E", torch.zeros(E), persistent=False)
-        self.register_buffer(
-            "received_per_local_expert_e", torch.zeros(self.num_local_experts), persistent=False
-        )
-        self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
-        self.last_aux: dict[str, torch.Tensor] = {}
-        self.timing = False
-        self.a2a_seconds = 0.0
-        self.expert_seconds = 0.0
 
     @property
     def weight_EH(self) -> torch.Tensor | None:
@@ -89,12 +83,8 @@ class PluginRouting(nn.Module):
 
     @torch.no_grad()
     def reset_stats(self) -> None:
-        self.tokens_per_expert_E.zero_()
+        reset_stats(self)
         self.kept_per_expert_E.zero_()
-        self.received_per_local_expert_e.zero_()
-        self.dropped_tokens.zero_()
-        self.a2a_seconds = 0.0
-        self.expert_seconds = 0.0
 
     def forward(
         self, x_TH: torch.Tensor, batch_size: int, seq_len: int, sequence_first: bool = False
@@ -135,21 +125,10 @@ class PluginRouting(nn.Module):
     def _aux_losses(
         self, routing: Routing, counts_E: torch.Tensor, B: int, S: int
     ) -> dict[str, torch.Tensor]:
-        """``MoELayer._aux_losses``: the same Load, the same names, the same global counts."""
-        load = Load(counts_E=counts_E, num_tokens=B * S, batch_size=B, seq_len=S)
-        if any(loss.needs_global_counts for loss in self.losses):
-            total_E1 = torch.cat([counts_E, counts_E.new_full((1,), float(B * S))])
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(total_E1, group=self.counts_group)
-            load.global_counts_E = total_E1[:-1]
-            load.global_num_tokens = int(total_E1[-1].item())
-        aux = {
-            name: loss.cfg.coef * loss(routing, load, self.router)
-            for name, loss in zip(self.loss_names, self.losses)
-        }
-        for name, value in routing.losses.items():
-            aux[name] = aux[name] + value if name in aux else value
-        return aux
+        """``MoELayer._aux_losses``: the same function, global counts over ``counts_group``."""
+        return aux_losses(
+            routing, counts_E, B, S, self.losses, self.loss_names, self.router, self.counts_group
+        )
 
     def extra_repr(self) -> str:
         return f"router={self.router.registry_name}, losses={self.loss_names}, experts={self.num_experts}"

@@ -28,12 +28,11 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from moe_dist.registry import ROUTERS
-from moe_dist.routing.base import Router, RouterConfig, Routing
+from moe_dist.routing.base import RouterConfig, Routing
+from moe_dist.routing.linear_gate import LinearGateRouter
 
 
 class ExpertChoiceConfig(RouterConfig):
@@ -49,7 +48,7 @@ def expert_capacity(num_tokens: int, capacity_factor: float, num_experts: int) -
 
 
 @ROUTERS.register("expert_choice")
-class ExpertChoiceRouter(Router):
+class ExpertChoiceRouter(LinearGateRouter):
     Config = ExpertChoiceConfig
     # Every expert gets exactly C tokens, so batch-level f_i is uniform and a Switch-style loss
     # has zero gradient; the switch / global_batch config checks reject the pair.
@@ -59,23 +58,11 @@ class ExpertChoiceRouter(Router):
         super().__init__(cfg, hidden_size, num_experts)
         self.cfg: ExpertChoiceConfig = cfg
         self.top_k = num_experts  # K = E slots per token
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.cfg.init == "orthogonal":
-            nn.init.orthogonal_(self.weight)
-        else:
-            nn.init.normal_(self.weight, std=self.cfg.init_std)
-
-    @property
-    def weight_EH(self) -> torch.Tensor:  # noqa: N802 - contract name (shape suffix)
-        return self.weight
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         T, E = x_TH.shape[0], self.num_experts
-        with torch.autocast(x_TH.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
-            logits_TE = F.linear(x_TH.float(), self.weight.float())
+        logits_TE = self.gate_logits(x_TH)
         probs_TE = logits_TE.softmax(dim=-1)
         capacity = expert_capacity(T, self.cfg.capacity_factor, E)
         token_idx_EC = probs_TE.detach().t().topk(capacity, dim=-1).indices

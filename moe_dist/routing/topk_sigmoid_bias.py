@@ -33,12 +33,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from moe_dist.registry import ROUTERS
-from moe_dist.routing.base import Router, RouterConfig, Routing
+from moe_dist.routing.base import RouterConfig, Routing
+from moe_dist.routing.linear_gate import LinearGateRouter
 
 
 class TopKSigmoidBiasConfig(RouterConfig):
@@ -66,30 +65,21 @@ def group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int) -
 
 
 @ROUTERS.register("topk_sigmoid_bias")
-class TopKSigmoidBiasRouter(Router):
+class TopKSigmoidBiasRouter(LinearGateRouter):
     Config = TopKSigmoidBiasConfig
 
     def __init__(self, cfg: TopKSigmoidBiasConfig, hidden_size: int, num_experts: int) -> None:
         super().__init__(cfg, hidden_size, num_experts)
         self.cfg: TopKSigmoidBiasConfig = cfg
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.cfg.init == "orthogonal":
-            nn.init.orthogonal_(self.weight)
-        else:
-            nn.init.normal_(self.weight, std=self.cfg.init_std)
+        super().reset_parameters()
         self.expert_bias_E.zero_()
 
-    @property
-    def weight_EH(self) -> torch.Tensor:  # noqa: N802 - contract name (shape suffix)
-        return self.weight
-
     def forward(self, x_TH: torch.Tensor) -> Routing:
-        with torch.autocast(x_TH.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
-            logits_TE = F.linear(x_TH.float(), self.weight.float())
+        logits_TE = self.gate_logits(x_TH)
         scores_TE = logits_TE.sigmoid()
         choice_TE = scores_TE.detach() + self.expert_bias_E
         if self.cfg.n_group > 1:

@@ -22,12 +22,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from moe_dist.registry import ROUTERS
-from moe_dist.routing.base import Router, RouterConfig, Routing
+from moe_dist.routing.base import RouterConfig, Routing
+from moe_dist.routing.linear_gate import LinearGateRouter
 
 
 class TopKSoftmaxConfig(RouterConfig):
@@ -41,31 +40,19 @@ class TopKSoftmaxConfig(RouterConfig):
 
 
 @ROUTERS.register("topk_softmax")
-class TopKSoftmaxRouter(Router):
+class TopKSoftmaxRouter(LinearGateRouter):
     Config = TopKSoftmaxConfig
 
     def __init__(self, cfg: TopKSoftmaxConfig, hidden_size: int, num_experts: int) -> None:
         super().__init__(cfg, hidden_size, num_experts)
         self.cfg: TopKSoftmaxConfig = cfg
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.cfg.init == "orthogonal":
-            nn.init.orthogonal_(self.weight)
-        else:
-            nn.init.normal_(self.weight, std=self.cfg.init_std)
-
-    @property
-    def weight_EH(self) -> torch.Tensor:  # noqa: N802 - contract name (shape suffix)
-        return self.weight
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         if self.training and self.cfg.jitter_eps > 0:
             eps = self.cfg.jitter_eps
             x_TH = x_TH * torch.empty_like(x_TH).uniform_(1.0 - eps, 1.0 + eps)
-        with torch.autocast(x_TH.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
-            logits_TE = F.linear(x_TH.float(), self.weight.float())
+        logits_TE = self.gate_logits(x_TH)
         probs_TE = logits_TE.softmax(dim=-1)
         p_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.cfg.renormalize:
