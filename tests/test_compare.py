@@ -369,3 +369,47 @@ def test_shipped_configs_are_valid_for_every_variant(config: str) -> None:
     configs = build_configs(opts)
     assert set(configs) == set(VARIANTS)
     assert {c["run"]["out_dir"] for c in configs.values()} == {"/nonexistent/out/runs"}
+
+
+@pytest.mark.slow
+def test_reuse_keeps_finished_runs_and_rebuilds_the_same_table(
+    compared: tuple[Path, subprocess.CompletedProcess, Path],
+) -> None:
+    from moe_dist.cli import main
+
+    out, proc, base = compared
+    assert proc.returncode == 0, proc.stderr
+    log = out / "runs" / "switch" / "metrics.jsonl"
+    mtime, rows = log.stat().st_mtime_ns, json.loads((out / "results.json").read_text())["rows"]
+    args = ["compare", str(base), "--variants", "switch,aux_free", "--out", str(out), "--reuse"]
+    assert main([*args, "--last-n", str(LAST_N), "--pes-tokens", "64", "--quiet"]) == 0
+    assert log.stat().st_mtime_ns == mtime  # not trained again
+    again = json.loads((out / "results.json").read_text())["rows"]
+    keys = ["final_val_loss", "gini", "ema_gini", "steps_to_baseline", "drop_fraction", "pes_min"]
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]
+
+
+@pytest.mark.slow
+def test_nproc_runs_each_variant_with_expert_parallelism(tmp_path: Path) -> None:
+    from moe_dist.cli import main
+
+    base, out = tiny_base(tmp_path), tmp_path / "ep2"
+    args = [
+        "compare",
+        str(base),
+        "--variants",
+        "global_batch",
+        "--nproc",
+        "2",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--pes-tokens", "32", "--quiet"]) == 0
+    summary = json.loads((out / "runs" / "global_batch" / "summary.json").read_text())
+    assert (summary["world_size"], summary["ep_size"]) == (2, 2)
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    recs = records(out / "runs" / "global_batch" / "metrics.jsonl")
+    assert row["tokens"] == recs[-1]["tokens"] == 4 * 2 * 4 * 32  # steps x ranks x batch x seq
+    assert row["final_val_loss"] == [r for r in recs if "val_loss" in r][-1]["val_loss"]

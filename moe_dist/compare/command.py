@@ -27,7 +27,12 @@ def _positive(text: str) -> int:
 
 
 def compare_main(args: Any) -> int:
-    from moe_dist.compare.runner import CompareOptions, compare  # noqa: PLC0415 - matplotlib is heavy
+    try:
+        from moe_dist.compare.runner import CompareOptions, compare  # noqa: PLC0415 - matplotlib is heavy
+    except ImportError as exc:
+        hint = "pip install 'moe_dist[plots]'"
+        print(f"error: moe-dist compare needs matplotlib ({exc}); {hint}", file=sys.stderr)
+        return 2
 
     try:
         variants = parse_variants(args.variants)

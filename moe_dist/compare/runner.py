@@ -96,12 +96,12 @@ def train_command(config_path: Path, nproc: int) -> list[str]:
 
 
 def _same_finished_run(run_dir: Path, cfg: dict[str, Any]) -> bool:
-    """A finished run of exactly this config is there (``--reuse``)."""
+    """A finished run of this config is there (``--reuse``). The saved config is re-validated
+    first, so a run saved before the config schema gained a (defaulted) key still matches."""
     try:
-        return (run_dir / "summary.json").is_file() and json.loads(
-            (run_dir / "config.json").read_text()
-        ) == cfg
-    except (OSError, ValueError):
+        saved = json.loads((run_dir / "config.json").read_text())
+        return (run_dir / "summary.json").is_file() and config_to_dict(config_from_dict(saved)) == cfg
+    except (OSError, ValueError, ConfigError):
         return False
 
 
