@@ -8,6 +8,7 @@ errors there carry full paths too: ``model.moe.router.top_k: must be <= num_expe
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -360,23 +361,38 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def _plugin_errors_from_raw(data: dict[str, Any]) -> list[str]:
-    """Plugin-section errors for a config whose first pass failed, so all errors show at once."""
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    moe = model.get("moe") if isinstance(model.get("moe"), dict) else {}
+def _without(data: Any, locs: list[tuple[Any, ...]]) -> Any:
+    """A deep copy of ``data`` with the values at ``locs`` removed (their defaults then apply)."""
+    data = copy.deepcopy(data)
+    for loc in locs:
+        node = data
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return data
+
+
+def _second_pass_errors(data: dict[str, Any], exc: ValidationError) -> list[str]:
+    """Plugin and cross-field errors of a config whose first pass failed, so that all errors show
+    at once: the invalid values are dropped (defaults stand in) and the rest is checked. A check
+    that reads a dropped value is left out, so a default never causes an error of its own."""
+    locs = [tuple(e["loc"]) for e in exc.errors()]
+    dropped = [".".join(str(p) for p in loc) for loc in locs]
     try:
-        moe_cfg = MoEConfig.model_validate(moe)
-        hidden = int(model.get("dim", ModelConfig.model_fields["dim"].default))
+        cfg = Config.model_validate(_without(data, locs))
     except (ValidationError, TypeError, ValueError):
-        return []  # structural errors inside model.moe are already reported
-    return validate_moe(moe_cfg, hidden)
+        return []  # nested structural errors: already reported by the first pass
+    sizes = ("model", "model.moe", "model.moe.num_experts")
+    errors = [] if any(d in sizes for d in dropped) else validate_moe(cfg.model.moe, cfg.model.dim)
+    return errors + [m for m in _cross_checks(cfg) if not any(d in m for d in dropped)]
 
 
 def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_pydantic(exc, "") + _plugin_errors_from_raw(data), source) from None
+        raise ConfigError(_format_pydantic(exc, "") + _second_pass_errors(data, exc), source) from None
     errors = validate_moe(cfg.model.moe, cfg.model.dim) + _cross_checks(cfg)
     if errors:
         raise ConfigError(errors, source)

@@ -53,3 +53,38 @@ def test_check_cli_prints_the_resolved_config_with_overrides() -> None:
     assert resolved["model"]["moe"]["router"]["top_k"] == 4
     assert resolved["model"]["moe"]["router"]["renormalize"] is True  # plugin defaults filled in
     assert resolved["optim"]["betas"] == [0.9, 0.95]
+
+
+def test_first_pass_errors_do_not_hide_plugin_and_cross_field_errors() -> None:
+    """A type error elsewhere still lets the router, loss and EP checks report (all at once)."""
+    from moe_dist.config import ConfigError
+
+    data = {
+        "model": {
+            "dim": "abc",
+            "moe": {
+                "num_experts": 8,
+                "router": {"name": "topk_softmax", "top_k": 12},
+                "losses": [{"name": "switch", "coef": -1}],
+            },
+        },
+        "parallel": {"ep_size": 3},
+    }
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    paths = [line.split(":")[0] for line in err.value.errors]
+    assert paths == ["model.dim", "model.moe.router.top_k", "model.moe.losses.0.coef", "parallel.ep_size"]
+
+
+def test_a_dropped_value_never_causes_an_error_through_its_default() -> None:
+    """Checks that read an invalid (dropped) value are left out rather than run on its default."""
+    from moe_dist.config import ConfigError
+
+    data = {
+        "model": {"max_seq_len": 64, "moe": {"num_experts": "x", "router": {"top_k": 12}}},
+        "parallel": {"ep_size": 3},
+        "data": {"seq_len": "y"},
+    }
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert [line.split(":")[0] for line in err.value.errors] == ["model.moe.num_experts", "data.seq_len"]
