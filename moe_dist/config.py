@@ -20,6 +20,8 @@ from moe_dist.balancing.base import BalancingLoss, LossConfig
 from moe_dist.registry import LOSSES, ROUTERS, UnknownPluginError
 from moe_dist.routing.base import Router, RouterConfig
 
+EpTransport = Literal["auto", "collective", "shm"]
+
 
 class ConfigError(Exception):
     """Bad configuration; ``errors`` are ``path: message`` lines, all of them."""
@@ -39,6 +41,9 @@ class ExpertsConfig(Section):
     ffn_hidden_size: int = Field(256, ge=1)
     activation: Literal["swiglu", "gelu"] = "swiglu"
     init_std: float = Field(0.02, gt=0)
+    cpu_matmul: Literal["onednn", "torch"] = Field(
+        "onednn", description="fp32 expert GEMMs on CPU: oneDNN (torch.mm where unusable) or torch.mm"
+    )
 
 
 class SharedExpertsConfig(Section):
@@ -113,6 +118,9 @@ class ParallelConfig(Section):
     engine: Literal["native", "deepspeed"] = "native"
     zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage when engine is deepspeed")
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    ep_transport: EpTransport = Field(
+        "auto", description="token rows across EP ranks: shm (one host, gloo), collective, or auto"
+    )
     timeout_s: float = Field(600.0, gt=0, description="collective timeout: a dead peer ends the job, no hang")
 
 
@@ -190,6 +198,9 @@ class RunConfig(Section):
     job_id: str | None = Field(None, description="label for telemetry; default: name + start time")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
+    retain_freed_memory: bool = Field(
+        True, description="CPU runs: keep freed host memory mapped, no page faults per step (host_memory.py)"
+    )
 
 
 class Config(Section):

@@ -11,8 +11,9 @@ expert, ``tokens_per_expert_e[i]`` rows for local expert i (zero is fine).
 
 On CUDA each GEMM is one ``torch.nn.functional.grouped_mm`` call where it works (probed once
 per (device, dtype): bf16 on Hopper-class GPUs, 16-byte aligned rows). Elsewhere, and on CPU by
-choice, a loop runs the whole MLP per expert (see ``GroupedExperts.use_grouped_mm``). Both give
-zero (not None) weight gradients to experts without tokens.
+choice, ``expert_mlp`` runs the whole MLP per expert with a hand-written backward and oneDNN
+GEMMs on CPU (see ``GroupedExperts.use_grouped_mm``). Both give zero (not None) weight gradients
+to experts without tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_dist.cpu_matmul import CpuMatmul
+from moe_dist.expert_mlp import expert_mlp
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -60,19 +64,13 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_matmul(
-    x_XA: torch.Tensor, w_eAB: torch.Tensor, tokens_per_expert_e: torch.Tensor, use_grouped_mm: bool
+    x_XA: torch.Tensor, w_eAB: torch.Tensor, tokens_per_expert_e: torch.Tensor
 ) -> torch.Tensor:
-    """``y[rows of expert i] = x[rows of expert i] @ w[i]``; ``tokens_per_expert_e`` on the host."""
-    if use_grouped_mm:
-        offs_e = torch.cumsum(tokens_per_expert_e, 0).to(
-            device=x_XA.device, dtype=torch.int32, non_blocking=True
-        )
-        fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
-        return _ContiguousGrad.apply(fn(x_XA, w_eAB, offs=offs_e))
-    # Empty groups still multiply (a [0, A] @ [A, B] matmul) so every expert's weight gets a
-    # zero gradient instead of None.
-    chunks = torch.split(x_XA, tokens_per_expert_e.tolist())
-    return torch.cat([chunk @ w_AB for chunk, w_AB in zip(chunks, w_eAB.unbind(0))])
+    """``y[rows of expert i] = x[rows of expert i] @ w[i]`` as one ``grouped_mm``;
+    ``tokens_per_expert_e`` on the device or the host."""
+    offs_e = torch.cumsum(tokens_per_expert_e, 0).to(device=x_XA.device, dtype=torch.int32, non_blocking=True)
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return _ContiguousGrad.apply(fn(x_XA, w_eAB, offs=offs_e))
 
 
 class GroupedExperts(nn.Module):
@@ -98,6 +96,7 @@ class GroupedExperts(nn.Module):
         out_std: float | None = None,
         num_experts: int | None = None,
         first_expert: int = 0,
+        cpu_matmul: CpuMatmul = "onednn",
     ) -> None:
         super().__init__()
         if activation not in ("swiglu", "gelu"):
@@ -112,6 +111,7 @@ class GroupedExperts(nn.Module):
             )
         self.hidden, self.ffn_hidden, self.activation = hidden, ffn_hidden, activation
         self.force_grouped_mm: bool | None = None  # None: choose by device (see use_grouped_mm)
+        self.cpu_matmul: CpuMatmul = cpu_matmul
         self.init_std = init_std
         self.out_std = out_std if out_std is not None else init_std / math.sqrt(2.0)
         e, H, Fh = num_local_experts, hidden, ffn_hidden
@@ -135,35 +135,26 @@ class GroupedExperts(nn.Module):
                     w[g - local.start].copy_(draw)
 
     def forward(self, x_XH: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
-        tokens_per_expert_e = tokens_per_expert_e.to("cpu", torch.int64)
+        """``tokens_per_expert_e`` may live on the device: grouped_mm reads it there (no host
+        synchronisation); the per-expert loop copies it to the host."""
         dt = x_XH.dtype
         w1, w2 = self.w1_eHF.to(dt), self.w2_eFH.to(dt)
         w3 = self.w3_eHF.to(dt) if self.w3_eHF is not None else None
         if self.use_grouped_mm(x_XH):
-            h_XF = grouped_matmul(x_XH, w1, tokens_per_expert_e, True)
+            h_XF = grouped_matmul(x_XH, w1, tokens_per_expert_e)
             if w3 is not None:
-                h_XF = F.silu(h_XF) * grouped_matmul(x_XH, w3, tokens_per_expert_e, True)
+                h_XF = F.silu(h_XF) * grouped_matmul(x_XH, w3, tokens_per_expert_e)
             else:
                 h_XF = F.gelu(h_XF)
-            return grouped_matmul(h_XF, w2, tokens_per_expert_e, True)
-        # Whole MLP per expert: every intermediate is one expert's [rows, F], not [X, F].
-        # unbind: one backward that stacks all experts' grads (indexing w[i] per expert would
-        # allocate a full-size zero gradient per expert); empty experts still multiply, so
-        # their gradient is zeros, not None.
-        w1s, w2s = w1.unbind(0), w2.unbind(0)
-        w3s = w3.unbind(0) if w3 is not None else None
-        outs = []
-        for i, x_nH in enumerate(torch.split(x_XH, tokens_per_expert_e.tolist())):
-            h_nF = x_nH @ w1s[i]
-            h_nF = F.silu(h_nF) * (x_nH @ w3s[i]) if w3s is not None else F.gelu(h_nF)
-            outs.append(h_nF @ w2s[i])
-        return torch.cat(outs)
+            return grouped_matmul(h_XF, w2, tokens_per_expert_e)
+        return expert_mlp(x_XH, w1, w3, w2, tokens_per_expert_e.tolist(), self.cpu_matmul)
 
     def use_grouped_mm(self, x_XH: torch.Tensor) -> bool:
         """grouped_mm on CUDA where it works (bf16, aligned). On CPU, grouped_mm is itself a loop
-        of per-expert GEMMs, and the per-expert MLP loop is faster there: its intermediates are
-        one expert's size, so they reuse allocator memory instead of page-faulting fresh [X, F]
-        buffers each step (tools/bench_layer.py; set ``force_grouped_mm`` to compare)."""
+        of per-expert GEMMs, and ``expert_mlp`` is faster there: oneDNN GEMMs, intermediates of
+        one expert's size (they reuse allocator memory instead of page-faulting fresh [X, F]
+        buffers each step), fewer saved activations (tools/bench_layer.py; set
+        ``force_grouped_mm`` to compare)."""
         wanted = x_XH.device.type == "cuda" if self.force_grouped_mm is None else self.force_grouped_mm
         return (
             wanted

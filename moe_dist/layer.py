@@ -73,6 +73,7 @@ class MoELayer(nn.Module):
             init_std=ex.init_std,
             num_experts=E,
             first_expert=self.groups.ep_rank * self.num_local_experts,
+            cpu_matmul=ex.cpu_matmul,
         )
         self.shared_experts: SharedExperts | None = None
         if cfg.shared_experts.count > 0:
@@ -82,7 +83,7 @@ class MoELayer(nn.Module):
                 cfg.shared_experts.ffn_hidden_size,
                 init_std=ex.init_std,
             )
-        self.dispatcher = AllToAllDispatcher(E, self.groups.ep_group, cfg.capacity_factor)
+        self.dispatcher = AllToAllDispatcher(E, self.groups.ep_group, cfg.capacity_factor, self.groups.ep_shm)
         register_stats(self, E, self.num_local_experts)
         self.last_aux: dict[str, torch.Tensor]  # set by register_stats; typed here
 

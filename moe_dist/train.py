@@ -35,6 +35,7 @@ from moe_dist import checkpoint
 from moe_dist.config import Config, ConfigError, check_world_size
 from moe_dist.data import TokenBatches, load_corpus
 from moe_dist.grad_sync import GradSync
+from moe_dist.host_memory import retain_freed_memory
 from moe_dist.models import MoETransformer, build_model
 from moe_dist.optim import build_optimizer, lr_at, set_lr
 from moe_dist.parallel.groups import ParallelGroups
@@ -77,11 +78,15 @@ def start_run(
     cfg: Config, local_rank: int, stream: Any
 ) -> tuple[ParallelGroups, torch.device, Console, TokenBatches]:
     """Both engines' start, process groups up: DP x EP groups, threads, device, console, data."""
-    groups = ParallelGroups.build(cfg.parallel.ep_size)
+    groups = ParallelGroups.build(cfg.parallel.ep_size, cfg.parallel.ep_transport)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = pick_device(cfg.run.device, local_rank)
     console = Console(cfg.schedule.steps, groups.rank == 0, cfg.run.log_every, stream)
+    if device.type == "cpu" and cfg.run.retain_freed_memory:
+        reason = retain_freed_memory()
+        if reason is not None and groups.rank == 0:
+            print(f"run.retain_freed_memory: left off: {reason}", file=stream, flush=True)
     batches = TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)
     return groups, device, console, batches
 

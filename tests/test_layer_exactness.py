@@ -8,6 +8,8 @@ in float64. Every rank has a different token count; the skewed scenario sends ev
 experts 0 and 1, so most experts, and at EP = 4 three of the four ranks, receive nothing.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -189,6 +191,38 @@ def test_ep1_matches_dense_reference(grouped_mm: bool) -> None:
         res["first_expert"] = 0
         results.append((scenario["name"], res))
     check([dict(results)], 1)
+
+
+def test_ep1_dispatch_without_host_counts_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One EP rank, a router that fills every slot: the dispatch keeps the counts on the device
+    (no ``tolist``: on a GPU, no synchronisation), and output and gradients equal those of the
+    host-counted dispatch bit for bit."""
+    scenario = SCENARIOS[0]
+    results = {}
+    tolist = torch.Tensor.tolist
+    host_reads: list[tuple[int, ...]] = []
+
+    def counted_tolist(t: torch.Tensor) -> list:
+        host_reads.append(tuple(t.shape))
+        return tolist(t)
+
+    for every_slot_used in (True, False):
+        torch.manual_seed(0)
+        layer = build_layer(scenario, ParallelGroups.single())
+        layer.experts.force_grouped_mm = True  # the GPU path: it reads counts on the device
+        route = layer.router.forward
+        monkeypatch.setattr(
+            layer.router, "forward", lambda x, f=every_slot_used, r=route: replace(r(x), every_slot_used=f)
+        )
+        host_reads.clear()
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+        res = run_layer(layer, make_case(scenario, 1), 0)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        results[every_slot_used] = (res, [p.grad for p in layer.parameters()], len(host_reads))
+    (fast, fast_grads, fast_reads), (slow, slow_grads, slow_reads) = results[True], results[False]
+    assert fast_reads == 0 and slow_reads >= 1
+    assert torch.equal(fast["y"], slow["y"]) and torch.equal(fast["x_grad"], slow["x_grad"])
+    assert all(torch.equal(a, b) for a, b in zip(fast_grads, slow_grads))
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
-"""Exact tests of the dispatch index maths (no processes): slot sort, capacity drops, chunk transposes."""
+"""Exact tests of the dispatch index maths (no processes): slot sort, capacity drops, row permutation."""
 
 import torch
 
-from moe_dist.parallel.permute import capacity_per_expert, rank_splits, sort_slots, transpose_chunks_index
+from moe_dist.parallel.dispatcher import permute_rows
+from moe_dist.parallel.permute import capacity_per_expert, sort_slots
 
 
 def test_sort_slots_is_stable_expert_major_and_skips_unused() -> None:
@@ -31,27 +32,11 @@ def test_capacity_formula() -> None:
     assert capacity_per_expert(2.0, 4, 1, 8) == 1
 
 
-def test_transpose_chunks_worked_example() -> None:
-    # rank-major (r, e): (r0,e0)=1 (r0,e1)=2 (r1,e0)=3 (r1,e1)=0
-    counts_Re = torch.tensor([[1, 2], [3, 0]])
-    idx = transpose_chunks_index(counts_Re)
-    assert idx.tolist() == [0, 3, 4, 5, 1, 2]  # -> (e0,r0) (e0,r1)x3 (e1,r0)x2
-
-
-def test_transpose_chunks_inverse_and_labels() -> None:
-    g = torch.Generator().manual_seed(0)
-    for R, e in [(1, 3), (2, 2), (4, 2), (3, 5)]:
-        counts_Re = torch.randint(0, 4, (R, e), generator=g)
-        counts_Re[0, 0] = 0  # empty chunks included
-        # label each received row with (expert, rank) in rank-major order
-        labels = [(le, r) for r in range(R) for le in range(e) for _ in range(int(counts_Re[r, le]))]
-        idx = transpose_chunks_index(counts_Re)
-        expert_major = [labels[i] for i in idx.tolist()]
-        assert expert_major == sorted(labels)  # grouped by expert, then by source rank
-        back = transpose_chunks_index(counts_Re.t())
-        assert idx[back].tolist() == list(range(len(labels)))
-
-
-def test_rank_splits() -> None:
-    assert rank_splits([1, 2, 0, 4, 5, 0], 3) == [3, 4, 5]
-    assert rank_splits([1, 2, 3], 1) == [6]
+def test_permute_rows_gradient_is_the_inverse_gather() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    perm = torch.randperm(7, generator=g)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(7)
+    assert torch.autograd.gradcheck(lambda t: permute_rows(t, perm, inverse), (x,))
+    assert torch.equal(permute_rows(x, perm, inverse), x[perm])

@@ -3,11 +3,14 @@
 Shape legend: T tokens per rank, H hidden, F expert ffn hidden, E experts, K top-k, e local experts.
 
 ``--device cpu`` (default): EP = ``--ep`` (2) gloo processes with one thread each run
-1. our ``MoELayer`` (dropless all-to-all, grouped GEMM), and, when deepspeed is importable,
+1. our ``MoELayer`` (dropless; rows cross ranks through shared memory, as the two ranks share
+   a host; oneDNN expert GEMMs), and, when deepspeed is importable,
 2. DeepSpeed's ``deepspeed.moe.layer.MoE`` (``drop_tokens=False``, same shape, a SwiGLU expert),
 alternating, ``--repeats`` times each; the best tokens/s of each is reported, with all samples.
 Then, alone, a single-thread fp32 GEMM of one expert's shape ([T*K/e, H] @ [H, F]) as the
-per-process ceiling in GFLOP/s.
+per-process ceiling in GFLOP/s: the better of ``torch.mm`` and oneDNN (``moe_dist.cpu_matmul``),
+both reported. Both processes switch glibc to keeping freed memory (``moe_dist.host_memory``,
+off with ``--no-retain-memory``), so neither implementation pays page faults the other doesn't.
 
 ``--device cuda``: one GPU (EP = 1), bf16, the shapes Mixtral-like (H 4096, F 14336, E 8, K 2),
 Qwen3-like (H 2048, F 768, E 128, K 8), DeepSeek-like (H 2048, F 1408, E 64, K 6) at 8192
@@ -39,6 +42,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe_dist.config import MoEConfig  # noqa: E402
+from moe_dist.cpu_matmul import matmul, onednn_status  # noqa: E402
+from moe_dist.host_memory import retain_freed_memory  # noqa: E402
 from moe_dist.layer import MoELayer  # noqa: E402
 from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
 
@@ -104,6 +109,8 @@ def _cpu_worker(rank: int, world: int, port: int, args: argparse.Namespace, queu
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(args.threads)
+    # Both implementations run in this process, so both get the same allocator settings.
+    allocator_note = retain_freed_memory() if not args.no_retain_memory else "off (--no-retain-memory)"
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
         T, H, Fh, E, K = args.tokens, args.hidden, args.ffn, args.experts, args.top_k
@@ -128,7 +135,8 @@ def _cpu_worker(rank: int, world: int, port: int, args: argparse.Namespace, queu
         for _ in range(args.repeats):
             for name, step in candidates.items():  # alternate, so machine noise hits both alike
                 samples[name].append(_time_steps(step, args.iters, args.warmup))
-        queue.put((rank, "ok", {"samples": samples, "deepspeed_error": ds_error}))
+        payload = {"samples": samples, "deepspeed_error": ds_error, "allocator": allocator_note}
+        queue.put((rank, "ok", payload))
     except BaseException:  # noqa: BLE001
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -161,19 +169,26 @@ def _deepspeed_step(x: torch.Tensor, gy: torch.Tensor, H: int, Fh: int, E: int, 
     return step
 
 
-def gemm_ceiling_cpu(M: int, H: int, Fh: int, threads: int, reps: int = 5) -> tuple[float, float]:
-    """GFLOP/s of a single-process fp32 [M, H] @ [H, F] with ``threads`` threads, best of reps:
-    (per wall second, per CPU second)."""
+def gemm_ceiling_cpu(M: int, H: int, Fh: int, threads: int, reps: int = 20) -> dict[str, tuple[float, float]]:
+    """GFLOP/s of a single-process fp32 [M, H] @ [H, F] with ``threads`` threads, best of reps,
+    as (per wall second, per CPU second), for each kernel torch offers here: ``torch.mm`` (MKL's
+    sgemm in the x86 wheels) and oneDNN (``moe_dist.cpu_matmul``, when usable)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(M, H), torch.randn(H, Fh)
-    a @ b
-    best, best_cpu = float("inf"), float("inf")
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        a @ b
-        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
-    flops = 2.0 * M * H * Fh
-    return flops / best / 1e9, flops / best_cpu / 1e9
+    kernels = {"torch.mm": lambda: matmul(a, b, False)}
+    if onednn_status() is None:
+        kernels["oneDNN"] = lambda: matmul(a, b, True)
+    out = {}
+    for name, fn in kernels.items():
+        fn()
+        best, best_cpu = float("inf"), float("inf")
+        for _ in range(reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
+        flops = 2.0 * M * H * Fh
+        out[name] = (flops / best / 1e9, flops / best_cpu / 1e9)
+    return out
 
 
 def run_cpu(args: argparse.Namespace) -> dict:
@@ -218,7 +233,11 @@ def run_cpu(args: argparse.Namespace) -> dict:
                 "gflops_per_cpu_second": layer_flops(T, H, Fh, K) / min(cpu) / 1e9,
             }
         )
-    ceiling, ceiling_cpu = gemm_ceiling_cpu(T * K * ep // E, H, Fh, args.threads)
+    kernels = gemm_ceiling_cpu(T * K * ep // E, H, Fh, args.threads)
+    ceiling = max(wall for wall, _ in kernels.values())
+    ceiling_cpu = max(cpu for _, cpu in kernels.values())
+    for r in rows:
+        r["fraction_of_ceiling"] = r["gflops_per_process"] / ceiling
     out = {
         "device": "cpu",
         "shape": {"tokens_per_rank": T, "hidden": H, "ffn": Fh, "experts": E, "top_k": K},
@@ -226,8 +245,12 @@ def run_cpu(args: argparse.Namespace) -> dict:
         "rows": rows,
         "gemm_ceiling_gflops": ceiling,
         "gemm_ceiling_gflops_per_cpu_second": ceiling_cpu,
+        "gemm_ceiling_by_kernel": {
+            k: {"gflops": w, "gflops_per_cpu_second": c} for k, (w, c) in kernels.items()
+        },
         "load_average": os.getloadavg(),
         "deepspeed_error": results[0]["deepspeed_error"],
+        "retain_freed_memory": results[0]["allocator"] or "on",
     }
     speeds = {r["impl"]: r["tokens_per_s"] for r in rows}
     cpu = {r["impl"]: r["cpu_seconds_per_step"] for r in rows}
@@ -384,11 +407,15 @@ def print_table(out: dict) -> None:
                 f"{r['gflops_per_process']:>14.1f}{r['cpu_seconds_per_step']:>12.3f}"
                 f"{r['gflops_per_cpu_second']:>13.1f}  {samples}"
             )
+        by_kernel = ", ".join(f"{k} {v['gflops']:.1f}" for k, v in out["gemm_ceiling_by_kernel"].items())
         print(
-            f"ceiling: {out['threads_per_process']}-thread fp32 GEMM of one expert's shape: "
-            f"{out['gemm_ceiling_gflops']:.1f} GFLOP/s "
-            f"({out['gemm_ceiling_gflops_per_cpu_second']:.1f} per CPU second); "
+            f"ceiling: {out['threads_per_process']}-thread fp32 GEMM of one expert's shape, best kernel: "
+            f"{out['gemm_ceiling_gflops']:.1f} GFLOP/s ({by_kernel}); "
             f"load average {out['load_average'][0]:.1f}"
+        )
+        print(
+            "fraction of the ceiling: "
+            + ", ".join(f"{r['impl']} {r['fraction_of_ceiling']:.0%}" for r in out["rows"])
         )
         if "speedup_vs_deepspeed" in out:
             print(
@@ -424,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds per implementation (cpu)")
     p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument(
+        "--no-retain-memory", action="store_true", help="leave glibc's allocator as is (host_memory.py)"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.tokens_set = args.tokens is not None

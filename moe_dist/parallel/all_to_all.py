@@ -1,17 +1,14 @@
-"""Differentiable all-to-all with uneven splits (gloo and NCCL), and the count exchange before it.
+"""The count exchange before a token exchange, and the group-size helper.
 
-Shape legend: X rows this rank sends, Y rows it receives, H hidden size, R ranks in the group.
+Shape legend: R ranks in the group, C counts per destination.
 
 The receiver must know how many rows each peer sends before the payload moves, so a dispatch is
-two collectives: ``exchange_counts`` (an all-to-all of per-destination counts, equal splits),
-then ``all_to_all`` of the rows with the now-known uneven splits. The backward of ``all_to_all``
-is the same collective with the splits swapped: gradient rows travel back to the rank whose
-rows produced them. On a group of size 1 (or no group) both are the identity.
+two steps: ``exchange_counts`` (an all-to-all of per-destination counts, equal splits), then
+``chunk_exchange.exchange_chunks`` of the rows with the now-known uneven sizes. On a group of
+size 1 (or no group) the exchange is the identity.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,47 +32,3 @@ def exchange_counts(send_counts_RC: torch.Tensor, group: dist.ProcessGroup | Non
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     return recv
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x_XH: torch.Tensor,
-        output_splits: list[int],
-        input_splits: list[int],
-        group: dist.ProcessGroup | None,
-    ) -> torch.Tensor:
-        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
-        return _all_to_all(x_XH, output_splits, input_splits, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad_YH: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        return _all_to_all(grad_YH, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
-
-
-def _all_to_all(
-    x_XH: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup | None
-) -> torch.Tensor:
-    y_YH = x_XH.new_empty((sum(output_splits), *x_XH.shape[1:]))
-    dist.all_to_all_single(
-        y_YH, x_XH.contiguous(), output_split_sizes=output_splits, input_split_sizes=input_splits, group=group
-    )
-    return y_YH
-
-
-def all_to_all(
-    x_XH: torch.Tensor,
-    output_splits: list[int],
-    input_splits: list[int],
-    group: dist.ProcessGroup | None,
-) -> torch.Tensor:
-    """Send ``input_splits[r]`` consecutive rows of ``x_XH`` to rank r; receive ``output_splits[r]``
-    rows from rank r, concatenated in rank order. Differentiable; identity on a group of one."""
-    if group_size(group) == 1:
-        return x_XH
-    if sum(input_splits) != x_XH.shape[0]:
-        raise ValueError(
-            f"all_to_all: input splits sum to {sum(input_splits)}, tensor has {x_XH.shape[0]} rows"
-        )
-    return _AllToAll.apply(x_XH, output_splits, input_splits, group)

@@ -11,31 +11,58 @@ received by this rank (the experts' input, expert-major).
    (``permute.sort_slots`` states the drop policy).
 2. Exchange per-expert counts with the EP group (all-to-all of counts), then copy both count
    tables to the host in one transfer: the uneven all-to-all needs its split sizes there. This
-   is the only host synchronisation of a forward.
+   is the only host synchronisation of a forward, and it is skipped on one EP rank without a
+   capacity when the router uses every slot (``Routing.every_slot_used``): then all rows stay.
 3. Gather the token rows of the kept slots (``x_TH[token of slot]``); with expert-sorted slots the
    rows are already grouped by destination EP rank.
-4. All-to-all the rows; rank-major chunks arrive ((e0,r0),(e1,r0),(e0,r1),...) and are reordered
-   to expert-major ((e0,r0),(e0,r1),(e1,r0),...) for the grouped GEMM.
+4. Exchange the rows (``chunk_exchange``: one chunk per global expert out, and in, expert-major
+   ((e0,r0),(e0,r1),(e1,r0),...) for the grouped GEMM). Through shared memory when the EP group
+   is one host's gloo ranks, else one all-to-all plus a reorder.
 
 ``combine(expert_out_YH, ctx) -> y_TH`` is the exact inverse, then the weighted sum:
 
-1. Reorder expert-major back to rank-major, all-to-all back to the source ranks.
-2. Place every returned row at its slot in a zero ``[T, K, H]`` buffer (unique indices, so
-   deterministic), and ``y_T = sum_k weights_TK[t, k] * buf[t, k]`` as one batched matmul.
-   Gradients flow into the expert outputs and into ``weights_TK``; a dropped or unused slot
-   holds zeros, so it adds nothing and its weight gets a zero gradient.
+1. Exchange with the reversed plan: every row returns to its source rank, in send order.
+2. Place every returned row at its slot in a ``[T, K, H]`` buffer (a row gather when every
+   slot was sent, else a zero buffer filled at unique indices; deterministic either way), and
+   ``y_T = sum_k weights_TK[t, k] * buf[t, k]`` as one batched matmul. Gradients flow into the
+   expert outputs and into ``weights_TK``; a dropped or unused slot holds zeros, so it adds
+   nothing and its weight gets a zero gradient.
+
+The row moves are permutations, so their backward is the inverse move (no zero buffer, no
+scatter-add): the exchange's backward is the reversed exchange, rows -> slots is
+``permute_rows`` (a row gather).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from moe_dist.parallel.all_to_all import all_to_all, exchange_counts, group_size
-from moe_dist.parallel.permute import capacity_per_expert, rank_splits, sort_slots, transpose_chunks_index
+from moe_dist.parallel.all_to_all import exchange_counts, group_size
+from moe_dist.parallel.chunk_exchange import ChunkPlan, exchange_chunks
+from moe_dist.parallel.permute import capacity_per_expert, sort_slots
+from moe_dist.parallel.shm_transport import ShmTransport
 from moe_dist.routing.base import Routing
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x_NH: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse_N)
+        return x_NH.index_select(0, perm_N)
+
+    @staticmethod
+    def backward(ctx: Any, grad_NH: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (inverse_N,) = ctx.saved_tensors
+        return grad_NH.index_select(0, inverse_N), None, None
+
+
+def permute_rows(x_NH: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
+    """``x_NH[perm_N]`` for a permutation ``perm_N`` whose inverse is ``inverse_N``."""
+    return _PermuteRows.apply(x_NH, perm_N, inverse_N)
 
 
 @dataclass
@@ -46,9 +73,7 @@ class DispatchContext:
     top_k: int
     slots_X: torch.Tensor  # slot ids of the rows sent, in send order
     weights_TK: torch.Tensor
-    input_splits: list[int]  # rows sent to each EP rank
-    output_splits: list[int]  # rows received from each EP rank
-    to_rank_major_Y: torch.Tensor | None  # gather index expert-major -> rank-major (None: identity)
+    plan: ChunkPlan | None  # how the rows went out (combine sends them back along plan.reverse())
     dropped: int  # token-slots this rank dropped for capacity
 
 
@@ -60,9 +85,10 @@ class AllToAllDispatcher:
         num_experts: int,
         ep_group: dist.ProcessGroup | None = None,
         capacity_factor: float | None = None,
+        shm: ShmTransport | None = None,
     ) -> None:
         self.num_experts = num_experts
-        self.ep_group = ep_group
+        self.ep_group, self.shm = ep_group, shm
         self.ep_size = group_size(ep_group)
         if num_experts % self.ep_size:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the EP size ({self.ep_size})")
@@ -81,6 +107,12 @@ class AllToAllDispatcher:
         order_S, kept_counts_E = sort_slots(
             routing.experts_TK.reshape(-1), E, routing.weights_TK.reshape(-1), capacity
         )
+        if R == 1 and capacity is None and routing.every_slot_used:
+            # Every slot's row stays here: nothing to exchange, so nothing needs the counts on
+            # the host (no device synchronisation; the grouped GEMM reads them on the device).
+            x_SH = x_TH.index_select(0, torch.div(order_S, K, rounding_mode="floor"))
+            ctx = DispatchContext(T, K, order_S, routing.weights_TK, plan=None, dropped=0)
+            return x_SH, kept_counts_E, ctx
         # 2. counts: what I send per expert, what each source sends to my local experts.
         recv_counts_Re = exchange_counts(kept_counts_E.reshape(R, e), self.ep_group)
         host = torch.cat(
@@ -90,39 +122,39 @@ class AllToAllDispatcher:
         send_E, recv_Re, valid = host_counts[:E], host_counts[E : E + R * e], host_counts[-1]
         sent = sum(send_E)
         slots_X = order_S[:sent]
-        # 3. rows of the kept slots, grouped by destination rank.
+        # 3. rows of the kept slots, one chunk per global expert (so grouped by destination rank).
         x_XH = x_TH.index_select(0, torch.div(slots_X, K, rounding_mode="floor"))
-        input_splits = rank_splits(send_E, R)
-        output_splits = [sum(recv_Re[r * e : (r + 1) * e]) for r in range(R)]
+        plan = ChunkPlan(
+            send=tuple((g // e, send_E[g]) for g in range(E)),
+            # expert-major: local expert i's chunk from every source rank, source order
+            recv=tuple((r, recv_Re[r * e + i]) for i in range(e) for r in range(R)),
+        )
         tokens_per_local_expert_e = torch.tensor(recv_Re, dtype=torch.int64).reshape(R, e).sum(0)
-        # 4. exchange rows; reorder rank-major -> expert-major (a no-op with one rank or one expert).
-        recv_YH = all_to_all(x_XH, output_splits, input_splits, self.ep_group)
-        to_rank_major_Y = None
-        if R > 1 and e > 1:
-            counts_Re = recv_counts_Re.reshape(R, e)
-            total = sum(output_splits)
-            recv_YH = recv_YH.index_select(0, transpose_chunks_index(counts_Re, total))
-            to_rank_major_Y = transpose_chunks_index(counts_Re.t(), total)
+        # 4. exchange rows; they arrive expert-major.
+        recv_YH = exchange_chunks(x_XH, plan, self.ep_group, self.shm)
         ctx = DispatchContext(
             num_tokens=T,
             top_k=K,
             slots_X=slots_X,
             weights_TK=routing.weights_TK,
-            input_splits=input_splits,
-            output_splits=output_splits,
-            to_rank_major_Y=to_rank_major_Y,
+            plan=plan,
             dropped=valid - sent,
         )
         return recv_YH, tokens_per_local_expert_e, ctx
 
     def combine(self, expert_out_YH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
-        # 1. expert-major -> rank-major, back to the source ranks.
-        if ctx.to_rank_major_Y is not None:
-            expert_out_YH = expert_out_YH.index_select(0, ctx.to_rank_major_Y)
-        out_XH = all_to_all(expert_out_YH, ctx.input_splits, ctx.output_splits, self.ep_group)
+        # 1. back to the source ranks, arriving in the order they were sent.
+        out_XH = expert_out_YH
+        if ctx.plan is not None:
+            out_XH = exchange_chunks(expert_out_YH, ctx.plan.reverse(), self.ep_group, self.shm)
         # 2. rows to their slots, then the weighted sum over each token's K slots.
         T, K, H = ctx.num_tokens, ctx.top_k, out_XH.shape[-1]
-        # In place into a fresh zero buffer (no clone); autograd tracks it through out_XH.
-        buf_SH = out_XH.new_zeros(T * K, H).index_copy_(0, ctx.slots_X, out_XH)
+        if out_XH.shape[0] == T * K:  # every slot sent: slots_X is a permutation of the slots
+            to_slots_S = torch.empty_like(ctx.slots_X)
+            to_slots_S[ctx.slots_X] = torch.arange(T * K, device=ctx.slots_X.device)
+            buf_SH = permute_rows(out_XH, to_slots_S, ctx.slots_X)
+        else:
+            # In place into a fresh zero buffer (no clone); autograd tracks it through out_XH.
+            buf_SH = out_XH.new_zeros(T * K, H).index_copy_(0, ctx.slots_X, out_XH)
         w_T1K = ctx.weights_TK.to(out_XH.dtype).unsqueeze(1)
         return torch.bmm(w_T1K, buf_SH.view(T, K, H)).squeeze(1)

@@ -12,9 +12,13 @@ Expert ``e`` lives on EP rank ``e // (E / EP)`` as local expert ``e % (E / EP)``
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+from moe_dist.config import ConfigError, EpTransport
+from moe_dist.parallel.shm_transport import ShmTransport, shm_unavailable_reason
 
 
 def ep_layout(world_size: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -37,6 +41,7 @@ class ParallelGroups:
     ep_group: dist.ProcessGroup | None = None
     expert_dp_group: dist.ProcessGroup | None = None
     world_group: dist.ProcessGroup | None = None
+    ep_shm: ShmTransport | None = None  # the EP group's shared-memory transport, when it has one
 
     @property
     def ep_rank(self) -> int:
@@ -59,8 +64,12 @@ class ParallelGroups:
         return cls()
 
     @classmethod
-    def build(cls, ep_size: int) -> ParallelGroups:
-        """Create the groups from the default process group (every rank must call this)."""
+    def build(cls, ep_size: int, ep_transport: EpTransport = "auto") -> ParallelGroups:
+        """Create the groups from the default process group (every rank must call this).
+
+        ``ep_transport``: how token rows cross the EP group. ``collective``: all-to-all of the
+        backend. ``shm``: shared memory (``shm_transport``); needs a gloo group on one host, else
+        a ``ConfigError``. ``auto``: shm where it can run, else collective."""
         if not dist.is_available() or not dist.is_initialized():
             if ep_size != 1:
                 raise RuntimeError(
@@ -79,6 +88,18 @@ class ParallelGroups:
             group = dist.new_group(ranks)
             if rank in ranks:
                 expert_dp_group = group
+        ep_shm = None
+        if ep_transport != "collective" and ep_size > 1 and ep_group is not None:
+            reason = shm_unavailable_reason(ep_group)
+            if reason is None:
+                try:
+                    ep_shm = ShmTransport.build(ep_group)  # every rank succeeds or every rank raises
+                except RuntimeError as exc:
+                    reason = str(exc)
+                    if ep_transport == "auto" and rank == 0:  # expected to work here: say why not
+                        warnings.warn(f"parallel.ep_transport: using the all-to-all: {reason}", stacklevel=2)
+            if reason is not None and ep_transport == "shm":
+                raise ConfigError([f"parallel.ep_transport: shm is not possible here: {reason}"])
         return cls(
             rank=rank,
             world_size=world_size,
@@ -86,4 +107,5 @@ class ParallelGroups:
             ep_group=ep_group,
             expert_dp_group=expert_dp_group,
             world_group=dist.group.WORLD,
+            ep_shm=ep_shm,
         )

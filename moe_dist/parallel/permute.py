@@ -1,4 +1,4 @@
-"""Pure index maths of token dispatch: slot sorting, capacity drops, chunk transposes.
+"""Pure index maths of token dispatch: slot sorting and capacity drops.
 
 Shape legend: T tokens on this rank, K slots per token, S = T * K token-slots, E experts
 (global), e local experts per EP rank, R EP ranks, X rows actually dispatched (kept slots).
@@ -15,12 +15,12 @@ Worked layout, E = 4 experts on R = 2 EP ranks (e = 2: rank 0 hosts e0, e1; rank
 
        (e0,r0) (e1,r0) | (e0,r1) (e1,r1)        chunks in the order (source rank, local expert)
 
-3. The grouped GEMM needs **expert-major** order; ``transpose_chunks_index(counts_Re)`` is the
-   gather index that produces it::
+3. The grouped GEMM needs **expert-major** order; ``dispatcher.transpose_chunks(rows,
+   counts_Re)`` produces it::
 
        (e0,r0) (e0,r1) | (e1,r0) (e1,r1)
 
-4. On the way back, ``transpose_chunks_index(counts_Re.T)`` is the exact inverse gather.
+4. On the way back, ``transpose_chunks(rows, counts_Re.T)`` is the exact inverse.
 """
 
 from __future__ import annotations
@@ -79,30 +79,3 @@ def sort_slots(
     order_S = torch.argsort(key_S, stable=True)
     kept_counts_E = count_ids(key_S, num_experts + 1)[:num_experts]
     return order_S, kept_counts_E
-
-
-def transpose_chunks_index(counts_AB: torch.Tensor, total: int | None = None) -> torch.Tensor:
-    """Gather index that reorders chunks from (a, b)-major to (b, a)-major order.
-
-    The input buffer holds chunks of ``counts_AB[a, b]`` rows in the order (0,0), (0,1), ...,
-    (1,0), ...; ``buf[index]`` holds the same chunks in the order (0,0), (1,0), ..., (0,1), ...
-    ``transpose_chunks_index(counts_AB.T)`` is its inverse. Example, counts [[1, 2], [3, 0]]:
-    rows ``a0b0 a0b1 a0b1 a1b0 a1b0 a1b0`` -> index ``[0, 3, 4, 5, 1, 2]``.
-    Pass ``total`` (the row count, known on the host) to avoid a device sync.
-    """
-    counts_AB = counts_AB.to(torch.int64)
-    if total is None:
-        total = int(counts_AB.sum())
-    src_starts_AB = (torch.cumsum(counts_AB.reshape(-1), 0) - counts_AB.reshape(-1)).reshape(counts_AB.shape)
-    counts_BA = counts_AB.t().reshape(-1)
-    src_starts_BA = src_starts_AB.t().reshape(-1)
-    dst_starts_BA = torch.cumsum(counts_BA, 0) - counts_BA
-    # Row j of the output is row (j - start of its chunk in the output) of its chunk in the input.
-    offset = torch.repeat_interleave(src_starts_BA - dst_starts_BA, counts_BA, output_size=total)
-    return torch.arange(total, device=counts_AB.device) + offset
-
-
-def rank_splits(counts_E: list[int], ep_size: int) -> list[int]:
-    """Rows per EP rank when ``counts_E`` (per global expert, expert-major) is cut into ranks."""
-    e = len(counts_E) // ep_size
-    return [sum(counts_E[r * e : (r + 1) * e]) for r in range(ep_size)]

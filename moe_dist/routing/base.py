@@ -39,6 +39,10 @@ class Routing:
       their weights: the layer adds them to the loss as they are and logs each by name.
     - ``expert_input_delta_TH`` when set, the layer feeds the experts (routed and shared)
       ``x_TH + expert_input_delta_TH`` instead of ``x_TH`` (LPR adds its decoded latent there).
+    - ``every_slot_used`` a router that never emits ``-1`` says so: a dropless dispatch on one
+      EP rank then knows every slot's row goes to a local expert and skips its host
+      synchronisation (the token counts stay on the device). False, the safe default, always
+      counts on the host.
     """
 
     experts_TK: torch.Tensor
@@ -47,6 +51,7 @@ class Routing:
     logits_TE: torch.Tensor | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     expert_input_delta_TH: torch.Tensor | None = None
+    every_slot_used: bool = False
 
     @property
     def num_experts(self) -> int:

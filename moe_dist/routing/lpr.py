@@ -194,6 +194,7 @@ class LPRRouter(Router):
             probs_TE=probs_TE,
             losses=losses,
             expert_input_delta_TH=delta_TH,
+            every_slot_used=True,
         )
 
     @torch.no_grad()

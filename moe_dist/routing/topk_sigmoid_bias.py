@@ -91,7 +91,13 @@ class TopKSigmoidBiasRouter(LinearGateRouter):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.cfg.routed_scaling_factor
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        return Routing(experts_TK=experts_TK, weights_TK=weights_TK, probs_TE=probs_TE, logits_TE=logits_TE)
+        return Routing(
+            experts_TK=experts_TK,
+            weights_TK=weights_TK,
+            probs_TE=probs_TE,
+            logits_TE=logits_TE,
+            every_slot_used=True,
+        )
 
     @torch.no_grad()
     def after_step(self, global_counts_E: torch.Tensor) -> None:

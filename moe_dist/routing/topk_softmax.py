@@ -57,7 +57,13 @@ class TopKSoftmaxRouter(LinearGateRouter):
         p_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.cfg.renormalize:
             p_TK = p_TK / p_TK.sum(dim=-1, keepdim=True)
-        return Routing(experts_TK=experts_TK, weights_TK=p_TK, probs_TE=probs_TE, logits_TE=logits_TE)
+        return Routing(
+            experts_TK=experts_TK,
+            weights_TK=p_TK,
+            probs_TE=probs_TE,
+            logits_TE=logits_TE,
+            every_slot_used=True,
+        )
 
     @classmethod
     def validate_config(cls, cfg: RouterConfig, hidden_size: int, num_experts: int) -> list[str]:

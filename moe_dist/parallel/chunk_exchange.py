@@ -1,0 +1,132 @@
+"""Differentiable exchange of row chunks between the ranks of a group, in any order on both sides.
+
+Shape legend: X rows this rank sends, Y rows it receives, H row width (hidden size), R ranks.
+
+A ``ChunkPlan`` says where each chunk of the input goes and in which order the received chunks
+are laid out. The token dispatcher sends one chunk per global expert (expert-sorted, so grouped by
+destination rank) and wants the received rows **expert-major**, ``(e0,r0) (e0,r1) (e1,r0) ...``;
+the combine is the same plan reversed. The backward of an exchange is the reversed exchange:
+gradient rows travel back along the same chunks.
+
+Two transports move the rows:
+
+* ``collective`` (any backend): chunks grouped by destination (a no-op for the dispatcher), one
+  ``all_to_all_single``, then the received source-major chunks reordered into the plan's order
+  (one copy; skipped when the order already is source-major).
+* ``ShmTransport`` (gloo, every rank of the group on this host; ``shm_transport.py``): each rank
+  copies its outgoing chunks into its shared-memory outbox, one barrier, each rank copies its
+  incoming chunks straight into place. No sockets, no reorder pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from moe_dist.parallel.all_to_all import group_size
+
+if TYPE_CHECKING:
+    from moe_dist.parallel.shm_transport import ShmTransport
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """``send``: ``(destination rank, rows)`` per input chunk, in the input's row order.
+    ``recv``: ``(source rank, rows)`` per output chunk, in the output's row order.
+
+    The k-th ``recv`` entry naming source s is the k-th chunk s sends to this rank, so the
+    entries from one source appear in the order that source sends them."""
+
+    send: tuple[tuple[int, int], ...]
+    recv: tuple[tuple[int, int], ...]
+
+    def reverse(self) -> ChunkPlan:
+        """The plan that moves every output row back to where it came from."""
+        return ChunkPlan(send=self.recv, recv=self.send)
+
+    @property
+    def send_rows(self) -> int:
+        return sum(n for _, n in self.send)
+
+    @property
+    def recv_rows(self) -> int:
+        return sum(n for _, n in self.recv)
+
+
+def _reorder(buf_NH: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Tensor:
+    """The chunks of ``buf_NH`` (``sizes`` rows each) in ``order``; ``buf_NH`` itself when the
+    order is the identity (no copy)."""
+    if order == list(range(len(order))):
+        return buf_NH
+    chunks = torch.split(buf_NH, sizes)
+    return torch.cat([chunks[i] for i in order])
+
+
+def collective_move(x_XH: torch.Tensor, plan: ChunkPlan, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The exchange through ``all_to_all_single`` (no autograd)."""
+    R = group_size(group)
+    by_dest = sorted(range(len(plan.send)), key=lambda i: plan.send[i][0])  # stable
+    send_XH = _reorder(x_XH, [n for _, n in plan.send], by_dest)
+    input_splits, output_splits = [0] * R, [0] * R
+    for d, n in plan.send:
+        input_splits[d] += n
+    for s, n in plan.recv:
+        output_splits[s] += n
+    if R == 1:
+        recv_YH = send_XH
+    else:
+        recv_YH = x_XH.new_empty((sum(output_splits), *x_XH.shape[1:]))
+        dist.all_to_all_single(
+            recv_YH,
+            send_XH.contiguous(),
+            output_split_sizes=output_splits,
+            input_split_sizes=input_splits,
+            group=group,
+        )
+    # recv_YH is source-major, each source's chunks in its send order; put them in plan order.
+    by_source = sorted(range(len(plan.recv)), key=lambda j: plan.recv[j][0])  # stable
+    position = {j: i for i, j in enumerate(by_source)}
+    sizes = [plan.recv[j][1] for j in by_source]
+    return _reorder(recv_YH, sizes, [position[j] for j in range(len(plan.recv))])
+
+
+def _move(
+    x_XH: torch.Tensor, plan: ChunkPlan, group: dist.ProcessGroup | None, shm: ShmTransport | None
+) -> torch.Tensor:
+    if shm is not None:
+        return shm.move(x_XH, plan)
+    return collective_move(x_XH, plan, group)
+
+
+class _Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_XH: torch.Tensor,
+        plan: ChunkPlan,
+        group: dist.ProcessGroup | None,
+        shm: ShmTransport | None,
+    ) -> torch.Tensor:
+        ctx.plan, ctx.group, ctx.shm = plan, group, shm
+        y_YH = _move(x_XH, plan, group, shm)
+        return y_YH.view_as(y_YH) if y_YH is x_XH else y_YH  # an output may not be its input
+
+    @staticmethod
+    def backward(ctx: Any, grad_YH: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        return _move(grad_YH.contiguous(), ctx.plan.reverse(), ctx.group, ctx.shm), None, None, None
+
+
+def exchange_chunks(
+    x_XH: torch.Tensor,
+    plan: ChunkPlan,
+    group: dist.ProcessGroup | None,
+    shm: ShmTransport | None = None,
+) -> torch.Tensor:
+    """Send the chunks of ``x_XH`` per ``plan.send``; return the received chunks in ``plan.recv``
+    order. Collective: every rank of ``group`` calls it, with matching plans. Differentiable."""
+    if plan.send_rows != x_XH.shape[0]:
+        raise ValueError(f"exchange_chunks: plan sends {plan.send_rows} rows, tensor has {x_XH.shape[0]}")
+    return _Exchange.apply(x_XH, plan, group, shm)
