@@ -60,18 +60,38 @@ def _rows(src: int, k: int, n: int) -> torch.Tensor:
     return base + torch.arange(H, dtype=torch.float64) / 1e3
 
 
+def _row_map(op: int, rank: int, rows: int, extra: int, salt: int) -> tuple[torch.Tensor, int]:
+    """A gather/scatter index: ``rows`` distinct positions out of ``rows + extra``."""
+    g = torch.Generator().manual_seed(500 + 10 * op + rank + 1000 * salt)
+    return torch.randperm(rows + extra, generator=g)[:rows], rows + extra
+
+
 def _body(rank: int, world: int, use_shm: bool) -> dict:
     shm = ShmTransport.build(dist.group.WORLD) if use_shm else None
     out = []
     for op in range(OPS):
         sends = _sends(world, op)
         order = _recv_order(world, op, rank, sends)
-        plan = ChunkPlan(send=tuple(sends[rank]), recv=tuple((s, n) for s, _, n in order))
-        x = torch.cat([_rows(rank, k, n) for k, (_, n) in enumerate(sends[rank])]).requires_grad_()
+        outgoing = torch.cat([_rows(rank, k, n) for k, (_, n) in enumerate(sends[rank])])
+        maps: dict = {}
+        x = outgoing
+        if op % 2:  # odd operations fold a gather before and a scatter after into the copies
+            send_index, in_rows = _row_map(op, rank, outgoing.shape[0], 3, 0)
+            recv_index, out_rows = _row_map(op, rank, sum(n for _, _, n in order), 2, 1)
+            maps = {
+                "send_index": send_index,
+                "in_rows": in_rows,
+                "recv_index": recv_index,
+                "out_rows": out_rows,
+            }
+            x = torch.full((in_rows, H), -1.0, dtype=torch.float64)
+            x[send_index] = outgoing
+        plan = ChunkPlan(send=tuple(sends[rank]), recv=tuple((s, n) for s, _, n in order), **maps)
+        x.requires_grad_()
         y = exchange_chunks(x, plan, dist.group.WORLD, shm)
         w = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(op * 10 + rank))
         (y * w).sum().backward()
-        out.append({"y": y.detach(), "w": w, "grad": x.grad})
+        out.append({"y": y.detach(), "w": w, "grad": x.grad, **maps})
     leftover = None
     if shm is not None:
         dist.barrier()
@@ -89,23 +109,34 @@ def test_exchange_matches_reference_forward_and_backward(world: int, use_shm: bo
     results = run_on_ranks(_body, world, (use_shm,))
     for op in range(OPS):
         sends = _sends(world, op)
-        # where each (src, k) chunk landed: receiver, row offset in its output
-        landed = {}
+        res = [results[r]["ops"][op] for r in range(world)]
+        landed = {}  # (src, k) -> (receiver, row among the arriving rows)
+        arrived_w = []  # per receiver: the weight of each arriving row
         for me in range(world):
             want, row = [], 0
             for s, k, n in _recv_order(world, op, me, sends):
                 want.append(_rows(s, k, n))
                 landed[(s, k)] = (me, row)
                 row += n
-            got = results[me]["ops"][op]["y"]
             want_y = torch.cat(want) if want else torch.zeros(0, H, dtype=torch.float64)
-            assert torch.equal(got, want_y), f"op {op} rank {me}"
+            w = res[me]["w"]
+            if op % 2:  # arriving row j sits at output row recv_index[j]; the other rows are 0
+                placed = torch.zeros(res[me]["out_rows"], H, dtype=torch.float64)
+                placed[res[me]["recv_index"]] = want_y
+                want_y, w = placed, w[res[me]["recv_index"]]
+            assert torch.equal(res[me]["y"], want_y), f"op {op} rank {me}"
+            arrived_w.append(w)
         for s in range(world):  # gradient of a sent row = the receiver's weight at its place
             want = []
             for k, (_, n) in enumerate(sends[s]):
                 me, row = landed[(s, k)]
-                want.append(results[me]["ops"][op]["w"][row : row + n])
-            assert torch.equal(results[s]["ops"][op]["grad"], torch.cat(want)), f"op {op} grad rank {s}"
+                want.append(arrived_w[me][row : row + n])
+            want_grad = torch.cat(want)
+            if op % 2:  # sent row j was input row send_index[j]; unsent input rows get 0
+                scattered = torch.zeros(res[s]["in_rows"], H, dtype=torch.float64)
+                scattered[res[s]["send_index"]] = want_grad
+                want_grad = scattered
+            assert torch.equal(res[s]["grad"], want_grad), f"op {op} grad rank {s}"
     if use_shm:
         assert all(r["ops"][-1]["grew"] >= 2 for r in results)  # outboxes were replaced while in use
         assert all(r["leftover"] == [] for r in results)  # nothing left in /dev/shm
@@ -120,7 +151,7 @@ def test_count_exchange_and_single_process_identity() -> None:
     assert torch.equal(y, x) and y.data_ptr() == x.data_ptr()  # no copy
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(5, 3))
-    with pytest.raises(ValueError, match="plan sends 5 rows, tensor has 4"):
+    with pytest.raises(ValueError, match="plan takes 5 input rows, tensor has 4"):
         exchange_chunks(torch.zeros(4, 3), plan, None)
 
 

@@ -5,7 +5,9 @@ Shape legend: T tokens per rank, H hidden, F expert ffn hidden, E experts, K top
 ``--device cpu`` (default): EP = ``--ep`` (2) gloo processes with one thread each run
 1. our ``MoELayer`` (dropless; rows cross ranks through shared memory, as the two ranks share
    a host; oneDNN expert GEMMs), and, when deepspeed is importable,
-2. DeepSpeed's ``deepspeed.moe.layer.MoE`` (``drop_tokens=False``, same shape, a SwiGLU expert),
+2. DeepSpeed's ``deepspeed.moe.layer.MoE`` (``drop_tokens=False``, same shape, a SwiGLU expert,
+   its gate loaded with our router's weights: both route every token to the same experts, so
+   both carry the same load per rank; ``--independent-routers`` keeps DeepSpeed's own init),
 alternating, ``--repeats`` times each; the best tokens/s of each is reported, with all samples.
 Then, alone, a single-thread fp32 GEMM of one expert's shape ([T*K/e, H] @ [H, F]) as the
 per-process ceiling in GFLOP/s: the better of ``torch.mm`` and oneDNN (``moe_dist.cpu_matmul``),
@@ -128,7 +130,8 @@ def _cpu_worker(rank: int, world: int, port: int, args: argparse.Namespace, queu
         ds_error = None
         if not args.no_deepspeed:
             try:
-                candidates["deepspeed"] = _deepspeed_step(x, gy, H, Fh, E, K, world)
+                router_EH = None if args.independent_routers else ours.router.weight
+                candidates["deepspeed"] = _deepspeed_step(x, gy, H, Fh, E, K, world, router_EH)
             except Exception as exc:  # noqa: BLE001 - DeepSpeed absent or broken: report, keep ours
                 ds_error = f"{type(exc).__name__}: {exc}"
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in candidates}
@@ -144,7 +147,16 @@ def _cpu_worker(rank: int, world: int, port: int, args: argparse.Namespace, queu
             dist.destroy_process_group()
 
 
-def _deepspeed_step(x: torch.Tensor, gy: torch.Tensor, H: int, Fh: int, E: int, K: int, ep: int) -> Any:
+def _deepspeed_step(
+    x: torch.Tensor,
+    gy: torch.Tensor,
+    H: int,
+    Fh: int,
+    E: int,
+    K: int,
+    ep: int,
+    router_EH: torch.Tensor | None,
+) -> Any:
     import deepspeed
     from deepspeed.moe.layer import MoE
 
@@ -161,6 +173,9 @@ def _deepspeed_step(x: torch.Tensor, gy: torch.Tensor, H: int, Fh: int, E: int, 
         top2_2nd_expert_sampling=False,
     )
     moe.set_deepspeed_parallelism()
+    if router_EH is not None:  # our router's weights: both layers send every token to the same experts
+        with torch.no_grad():
+            moe.deepspeed_moe.gate.wg.weight.copy_(router_EH)
 
     def step() -> None:
         y, l_aux, _ = moe(x)
@@ -251,11 +266,14 @@ def run_cpu(args: argparse.Namespace) -> dict:
         "load_average": os.getloadavg(),
         "deepspeed_error": results[0]["deepspeed_error"],
         "retain_freed_memory": results[0]["allocator"] or "on",
+        "same_routing": not args.independent_routers,
     }
     speeds = {r["impl"]: r["tokens_per_s"] for r in rows}
     cpu = {r["impl"]: r["cpu_seconds_per_step"] for r in rows}
     if "deepspeed" in speeds:
         out["speedup_vs_deepspeed"] = speeds["ours"] / speeds["deepspeed"]
+        medians = {r["impl"]: sorted(r["all_seconds"])[len(r["all_seconds"]) // 2] for r in rows}
+        out["median_speedup_vs_deepspeed"] = medians["deepspeed"] / medians["ours"]
         out["cpu_time_speedup_vs_deepspeed"] = cpu["deepspeed"] / cpu["ours"]
     return out
 
@@ -418,8 +436,10 @@ def print_table(out: dict) -> None:
             + ", ".join(f"{r['impl']} {r['fraction_of_ceiling']:.0%}" for r in out["rows"])
         )
         if "speedup_vs_deepspeed" in out:
+            routing = "same routing" if out["same_routing"] else "independent routers"
             print(
-                f"ours / deepspeed: tokens/s {out['speedup_vs_deepspeed']:.2f}x, "
+                f"ours / deepspeed ({routing}): tokens/s {out['speedup_vs_deepspeed']:.2f}x best, "
+                f"{out['median_speedup_vs_deepspeed']:.2f}x median; "
                 f"CPU time {out['cpu_time_speedup_vs_deepspeed']:.2f}x"
             )
         if out.get("deepspeed_error"):
@@ -451,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds per implementation (cpu)")
     p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument(
+        "--independent-routers",
+        action="store_true",
+        help="DeepSpeed's gate keeps its own random init (different routing, different load per rank)",
+    )
     p.add_argument(
         "--no-retain-memory", action="store_true", help="leave glibc's allocator as is (host_memory.py)"
     )

@@ -34,18 +34,35 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """``send``: ``(destination rank, rows)`` per input chunk, in the input's row order.
-    ``recv``: ``(source rank, rows)`` per output chunk, in the output's row order.
+    """``send``: ``(destination rank, rows)`` per outgoing chunk, in sending order.
+    ``recv``: ``(source rank, rows)`` per incoming chunk, in arrival order.
 
     The k-th ``recv`` entry naming source s is the k-th chunk s sends to this rank, so the
-    entries from one source appear in the order that source sends them."""
+    entries from one source appear in the order that source sends them.
+
+    Optional row maps fold a gather before and a scatter after the exchange into its copies:
+    ``send_index`` (S rows) picks the outgoing rows from an input of ``in_rows`` rows (None: the
+    input is the outgoing rows in order); ``recv_index`` (R rows) places the arriving rows in an
+    output of ``out_rows`` rows, zeros elsewhere (None: the output is the arriving rows in order).
+    """
 
     send: tuple[tuple[int, int], ...]
     recv: tuple[tuple[int, int], ...]
+    send_index: torch.Tensor | None = None
+    in_rows: int | None = None
+    recv_index: torch.Tensor | None = None
+    out_rows: int | None = None
 
     def reverse(self) -> ChunkPlan:
         """The plan that moves every output row back to where it came from."""
-        return ChunkPlan(send=self.recv, recv=self.send)
+        return ChunkPlan(
+            send=self.recv,
+            recv=self.send,
+            send_index=self.recv_index,
+            in_rows=self.out_rows,
+            recv_index=self.send_index,
+            out_rows=self.in_rows,
+        )
 
     @property
     def send_rows(self) -> int:
@@ -54,6 +71,25 @@ class ChunkPlan:
     @property
     def recv_rows(self) -> int:
         return sum(n for _, n in self.recv)
+
+    @property
+    def input_rows(self) -> int:
+        return self.send_rows if self.send_index is None else int(self.in_rows or 0)
+
+    @property
+    def output_rows(self) -> int:
+        return self.recv_rows if self.recv_index is None else int(self.out_rows or 0)
+
+    def place(self, y_RH: torch.Tensor) -> torch.Tensor:
+        """The arriving rows at their output rows (``recv_index``), zeros elsewhere."""
+        if self.recv_index is None:
+            return y_RH
+        out = (
+            y_RH.new_zeros((self.output_rows, *y_RH.shape[1:]))
+            if self.output_rows > y_RH.shape[0]
+            else (y_RH.new_empty((self.output_rows, *y_RH.shape[1:])))
+        )
+        return out.index_copy_(0, self.recv_index, y_RH)
 
 
 def _reorder(buf_NH: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Tensor:
@@ -68,6 +104,8 @@ def _reorder(buf_NH: torch.Tensor, sizes: list[int], order: list[int]) -> torch.
 def collective_move(x_XH: torch.Tensor, plan: ChunkPlan, group: dist.ProcessGroup | None) -> torch.Tensor:
     """The exchange through ``all_to_all_single`` (no autograd)."""
     R = group_size(group)
+    if plan.send_index is not None:
+        x_XH = x_XH.index_select(0, plan.send_index)
     by_dest = sorted(range(len(plan.send)), key=lambda i: plan.send[i][0])  # stable
     send_XH = _reorder(x_XH, [n for _, n in plan.send], by_dest)
     input_splits, output_splits = [0] * R, [0] * R
@@ -90,7 +128,7 @@ def collective_move(x_XH: torch.Tensor, plan: ChunkPlan, group: dist.ProcessGrou
     by_source = sorted(range(len(plan.recv)), key=lambda j: plan.recv[j][0])  # stable
     position = {j: i for i, j in enumerate(by_source)}
     sizes = [plan.recv[j][1] for j in by_source]
-    return _reorder(recv_YH, sizes, [position[j] for j in range(len(plan.recv))])
+    return plan.place(_reorder(recv_YH, sizes, [position[j] for j in range(len(plan.recv))]))
 
 
 def _move(
@@ -127,6 +165,8 @@ def exchange_chunks(
 ) -> torch.Tensor:
     """Send the chunks of ``x_XH`` per ``plan.send``; return the received chunks in ``plan.recv``
     order. Collective: every rank of ``group`` calls it, with matching plans. Differentiable."""
-    if plan.send_rows != x_XH.shape[0]:
-        raise ValueError(f"exchange_chunks: plan sends {plan.send_rows} rows, tensor has {x_XH.shape[0]}")
+    if plan.input_rows != x_XH.shape[0]:
+        raise ValueError(
+            f"exchange_chunks: plan takes {plan.input_rows} input rows, tensor has {x_XH.shape[0]}"
+        )
     return _Exchange.apply(x_XH, plan, group, shm)

@@ -21,22 +21,20 @@ received by this rank (the experts' input, expert-major).
 
 ``combine(expert_out_YH, ctx) -> y_TH`` is the exact inverse, then the weighted sum:
 
-1. Exchange with the reversed plan: every row returns to its source rank, in send order.
-2. Place every returned row at its slot in a ``[T, K, H]`` buffer (a row gather when every
-   slot was sent, else a zero buffer filled at unique indices; deterministic either way), and
+1. Exchange with the reversed plan: every row returns to its source rank.
+2. Every returned row lands at its slot of a ``[T, K, H]`` buffer as it is copied in (the
+   exchange's ``recv_index``; unique indices, so deterministic), and
    ``y_T = sum_k weights_TK[t, k] * buf[t, k]`` as one batched matmul. Gradients flow into the
    expert outputs and into ``weights_TK``; a dropped or unused slot holds zeros, so it adds
    nothing and its weight gets a zero gradient.
 
-The row moves are permutations, so their backward is the inverse move (no zero buffer, no
-scatter-add): the exchange's backward is the reversed exchange, rows -> slots is
-``permute_rows`` (a row gather).
+Every row move is a permutation (or a placement), so its backward is the inverse move, a row
+gather folded into the reversed exchange's copies: no zero buffer, no scatter-add.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -46,23 +44,6 @@ from moe_dist.parallel.chunk_exchange import ChunkPlan, exchange_chunks
 from moe_dist.parallel.permute import capacity_per_expert, sort_slots
 from moe_dist.parallel.shm_transport import ShmTransport
 from moe_dist.routing.base import Routing
-
-
-class _PermuteRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x_NH: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inverse_N)
-        return x_NH.index_select(0, perm_N)
-
-    @staticmethod
-    def backward(ctx: Any, grad_NH: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        (inverse_N,) = ctx.saved_tensors
-        return grad_NH.index_select(0, inverse_N), None, None
-
-
-def permute_rows(x_NH: torch.Tensor, perm_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
-    """``x_NH[perm_N]`` for a permutation ``perm_N`` whose inverse is ``inverse_N``."""
-    return _PermuteRows.apply(x_NH, perm_N, inverse_N)
 
 
 @dataclass
@@ -143,18 +124,13 @@ class AllToAllDispatcher:
         return recv_YH, tokens_per_local_expert_e, ctx
 
     def combine(self, expert_out_YH: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
-        # 1. back to the source ranks, arriving in the order they were sent.
-        out_XH = expert_out_YH
+        # 1. back to the source ranks, each row straight to its slot of a [T * K, H] buffer
+        #    (zero where a slot sent nothing); 2. the weighted sum over each token's K slots.
+        T, K, H = ctx.num_tokens, ctx.top_k, expert_out_YH.shape[-1]
         if ctx.plan is not None:
-            out_XH = exchange_chunks(expert_out_YH, ctx.plan.reverse(), self.ep_group, self.shm)
-        # 2. rows to their slots, then the weighted sum over each token's K slots.
-        T, K, H = ctx.num_tokens, ctx.top_k, out_XH.shape[-1]
-        if out_XH.shape[0] == T * K:  # every slot sent: slots_X is a permutation of the slots
-            to_slots_S = torch.empty_like(ctx.slots_X)
-            to_slots_S[ctx.slots_X] = torch.arange(T * K, device=ctx.slots_X.device)
-            buf_SH = permute_rows(out_XH, to_slots_S, ctx.slots_X)
-        else:
-            # In place into a fresh zero buffer (no clone); autograd tracks it through out_XH.
-            buf_SH = out_XH.new_zeros(T * K, H).index_copy_(0, ctx.slots_X, out_XH)
-        w_T1K = ctx.weights_TK.to(out_XH.dtype).unsqueeze(1)
+            back = replace(ctx.plan.reverse(), recv_index=ctx.slots_X, out_rows=T * K)
+            buf_SH = exchange_chunks(expert_out_YH, back, self.ep_group, self.shm)
+        else:  # every slot stayed here: slots_X is a permutation of the slots
+            buf_SH = expert_out_YH.new_empty(T * K, H).index_copy_(0, ctx.slots_X, expert_out_YH)
+        w_T1K = ctx.weights_TK.to(buf_SH.dtype).unsqueeze(1)
         return torch.bmm(w_T1K, buf_SH.view(T, K, H)).squeeze(1)

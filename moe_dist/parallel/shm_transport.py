@@ -182,17 +182,22 @@ class ShmTransport:
         need = max((rows_to[d] for d in range(self.size) if d != me), default=0) * row_bytes
         if need > self.slot_bytes:
             self._grow(need)
-        own: list[torch.Tensor] = []
-        offset = [0] * self.size
-        for (d, n), chunk in zip(plan.send, torch.split(x_XH, [n for _, n in plan.send])):
+        own: list[torch.Tensor] = []  # this rank's chunks to itself: copied once, at read time
+        offset, row = [0] * self.size, 0
+        for d, n in plan.send:
             if d == me:
-                own.append(chunk)
+                own.append(self._outgoing(x_XH, plan, row, n))
             elif n:
                 assert self.outbox is not None
                 start = offset[d] * row_bytes
-                slot = self.outbox[half, self._slot_of(d, me), start : start + n * row_bytes]
-                slot.view(dtype).view(n, *row_shape).copy_(chunk)
+                slot_nH = self.outbox[half, self._slot_of(d, me), start : start + n * row_bytes]
+                slot_nH = slot_nH.view(dtype).view(n, *row_shape)
+                if plan.send_index is None:
+                    slot_nH.copy_(x_XH[row : row + n])
+                else:  # the gather before the exchange, straight into the outbox
+                    torch.index_select(x_XH, 0, plan.send_index[row : row + n], out=slot_nH)
             offset[d] += n
+            row += n
         self.meta[half, 0], self.meta[half, 1] = self.gen, self.slot_bytes
         # 2. barrier: every rank's chunks and meta are in place
         dist.barrier(group=self.group)
@@ -203,7 +208,12 @@ class ShmTransport:
         for peer in self.peer_meta:
             self._map_peer(peer, half)
         # 3. read
-        y_YH = x_XH.new_empty((plan.recv_rows, *row_shape))
+        if plan.recv_index is None:
+            y_YH = x_XH.new_empty((plan.recv_rows, *row_shape))
+        elif plan.output_rows > plan.recv_rows:  # the scatter after the exchange; unsent rows are 0
+            y_YH = x_XH.new_zeros((plan.output_rows, *row_shape))
+        else:
+            y_YH = x_XH.new_empty((plan.output_rows, *row_shape))
         taken = [0] * self.size
         own_next, row = 0, 0
         for s, n in plan.recv:
@@ -215,10 +225,19 @@ class ShmTransport:
                 box = self.peer_box[s][half, self._slot_of(me, s), start : start + n * row_bytes]
                 src = box.view(dtype).view(n, *row_shape)
                 taken[s] += n
-            if n:
+            if n and plan.recv_index is None:
                 y_YH[row : row + n].copy_(src)
+            elif n:
+                y_YH.index_copy_(0, plan.recv_index[row : row + n], src)
             row += n
         return y_YH
+
+    @staticmethod
+    def _outgoing(x_XH: torch.Tensor, plan: ChunkPlan, row: int, n: int) -> torch.Tensor:
+        """Outgoing rows ``row .. row + n`` of ``plan.send`` (a view, or a gather by ``send_index``)."""
+        if plan.send_index is None:
+            return x_XH[row : row + n]
+        return x_XH.index_select(0, plan.send_index[row : row + n])
 
     def _map_peer(self, peer: int, half: int) -> None:
         gen, slot = (int(v) for v in self.peer_meta[peer][half].tolist())
