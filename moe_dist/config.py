@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_dist.balancing.base import BalancingLoss, LossConfig
+from moe_dist.cpu_matmul import CpuMatmul
 from moe_dist.registry import LOSSES, ROUTERS, UnknownPluginError
 from moe_dist.routing.base import Router, RouterConfig
 
@@ -41,7 +42,7 @@ class ExpertsConfig(Section):
     ffn_hidden_size: int = Field(256, ge=1)
     activation: Literal["swiglu", "gelu"] = "swiglu"
     init_std: float = Field(0.02, gt=0)
-    cpu_matmul: Literal["onednn", "torch"] = Field(
+    cpu_matmul: CpuMatmul = Field(
         "onednn", description="fp32 expert GEMMs on CPU: oneDNN (torch.mm where unusable) or torch.mm"
     )
 

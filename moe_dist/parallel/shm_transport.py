@@ -58,7 +58,8 @@ def _create(path: Path, nbytes: int) -> torch.Tensor:
     except OSError as exc:
         os.close(fd)
         path.unlink(missing_ok=True)
-        free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+        fs = os.statvfs(SHM_DIR)
+        free = fs.f_bavail * fs.f_frsize
         raise RuntimeError(
             f"shared-memory all-to-all: cannot reserve {nbytes / 2**20:.1f} MiB in {SHM_DIR} "
             f"({free / 2**20:.1f} MiB free): {exc.strerror}. Give the container more shared memory "
@@ -112,7 +113,6 @@ class ShmTransport:
         self.peer_meta: dict[int, torch.Tensor] = {}
         self.peer_gen: dict[int, int] = {}
         self.peer_box: dict[int, torch.Tensor] = {}
-        self.peer_slot: dict[int, int] = {}
         # Also runs at interpreter exit: no file of ours outlives a normal run.
         self._finalizer = weakref.finalize(
             self, _unlink_all, [self._meta_path(self.rank)], self.created, self.to_unlink
@@ -252,7 +252,7 @@ class ShmTransport:
                 f"before rank {self.rank} mapped it (did rank {peer} exit early?): {exc}"
             ) from exc
         self.peer_box[peer] = box.view(2, self.size - 1, slot)
-        self.peer_gen[peer], self.peer_slot[peer] = gen, slot
+        self.peer_gen[peer] = gen
 
     def close(self) -> None:
         self._finalizer()
