@@ -182,3 +182,26 @@ def test_layer_is_bitwise_the_same_over_both_transports() -> None:
     for s, c in zip(shm, a2a):
         assert torch.equal(s["y"], c["y"]) and torch.equal(s["dx"], c["dx"])
         assert all(torch.equal(s["grads"][n], c["grads"][n]) for n in c["grads"])
+
+
+def _two_hosts_body(rank: int, world: int, transport: str) -> str:
+    """Ranks that say they run on different hosts (as on two nodes): no shared memory."""
+    import moe_dist.parallel.shm_transport as shm_transport
+    from moe_dist.config import ConfigError
+    from moe_dist.parallel.groups import ParallelGroups
+
+    real = shm_transport._host_facts
+    shm_transport._host_facts = lambda: (f"node{rank}", *real()[1:])
+    try:
+        groups = ParallelGroups.build(world, transport)
+    except ConfigError as exc:
+        return f"ConfigError: {exc}"
+    return "shm" if groups.ep_shm is not None else "collective"
+
+
+@pytest.mark.slow
+def test_transport_choice_across_hosts() -> None:
+    assert run_on_ranks(_two_hosts_body, 2, ("auto",)) == ["collective", "collective"]
+    for got in run_on_ranks(_two_hosts_body, 2, ("shm",)):
+        assert got.startswith("ConfigError") and "parallel.ep_transport" in got
+        assert "more than one host" in got
