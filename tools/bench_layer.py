@@ -18,6 +18,10 @@ off with ``--no-retain-memory``), so neither implementation pays page faults the
 Qwen3-like (H 2048, F 768, E 128, K 8), DeepSeek-like (H 2048, F 1408, E 64, K 6) at 8192
 tokens; our layer and, when importable, Megatron-Core's MoELayer; the ceiling is a plain bf16
 8192^3 GEMM. FLOPs of a forward + backward: ``3 * (4*T*K*H*F + 2*T*K*F*H)`` (SwiGLU experts).
+Per row also: the peak memory one step allocates, over the activations the expert GEMMs keep
+(rows [T*K, H] and two pre-activations [T*K, F], bf16), and for our layer the share of the step
+that is not the experts (router, dispatch, combine: the step minus the experts alone on the
+rows one dispatch gives them).
 
 Prints a table and writes JSON (``--out``).
 """
@@ -372,28 +376,60 @@ def run_cuda(args: argparse.Namespace) -> dict:
             rows.append(
                 {"shape": shape_name, "impl": "megatron-core", "error": f"{type(exc).__name__}: {exc}"}
             )
+        # The activations the expert GEMMs keep for the backward: the dispatched rows [T*K, H]
+        # and the two pre-activations [T*K, F] that SwiGLU's derivative needs (bf16).
+        gemm_activation_bytes = T * K * (H + 2 * Fh) * 2
         for name, (step, note) in impls.items():
             try:
                 secs = _cuda_time(step, args.iters, args.warmup)
+                peak = _cuda_peak_bytes(step)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report, go on to the next
                 rows.append({"shape": shape_name, "impl": name, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             tflops = layer_flops(T, H, Fh, K) / secs / 1e12
-            rows.append(
-                {
-                    "shape": shape_name,
-                    "impl": name,
-                    "note": note,
-                    "tokens": T,
-                    "seconds_per_step": secs,
-                    "tokens_per_s": T / secs,
-                    "tflops": tflops,
-                    "fraction_of_gemm": tflops / ceiling,
-                }
-            )
+            row = {
+                "shape": shape_name,
+                "impl": name,
+                "note": note,
+                "tokens": T,
+                "seconds_per_step": secs,
+                "tokens_per_s": T / secs,
+                "tflops": tflops,
+                "fraction_of_gemm": tflops / ceiling,
+                "peak_step_bytes": peak,
+                "peak_over_gemm_activations": peak / gemm_activation_bytes,
+            }
+            if name == "ours":  # router + dispatch + combine: the layer minus its experts alone
+                experts_secs = _cuda_time(_experts_step(layer, x), args.iters, args.warmup)
+                row["routing_overhead_fraction"] = 1.0 - experts_secs / secs
+            rows.append(row)
         del layer, impls, x, gy
         torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(), "gemm_ceiling_tflops": ceiling, "rows": rows}
+
+
+def _cuda_peak_bytes(step: Any) -> int:
+    """Memory one forward + backward allocates above what was live before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _experts_step(layer: MoELayer, x: torch.Tensor) -> Any:
+    """Forward + backward of the layer's experts alone, on the rows one dispatch gives them."""
+    with torch.no_grad():
+        routing = layer.router(x)
+        rows_YH, counts_e, _ = layer.dispatcher.dispatch(x, routing)
+    rows_YH = rows_YH.detach().requires_grad_()
+    gy_YH = torch.randn_like(rows_YH)
+
+    def step() -> None:
+        layer.experts(rows_YH, counts_e).backward(gy_YH)
+
+    return step
 
 
 def _layer_step(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor) -> Any:
@@ -450,10 +486,15 @@ def print_table(out: dict) -> None:
             if "error" in r:
                 print(f"{r['shape']:<15}{r['impl']:<15} not run: {r['error']}")
             else:
+                overhead = r.get("routing_overhead_fraction")
                 print(
                     f"{r['shape']:<15}{r['impl']:<15}{r['seconds_per_step'] * 1e3:>9.2f} ms"
                     f"{r['tokens_per_s']:>12.0f} tok/s"
-                    f"{r['tflops']:>8.1f} TFLOP/s ({r['fraction_of_gemm']:.0%} of GEMM)  {r['note']}"
+                    f"{r['tflops']:>8.1f} TFLOP/s ({r['fraction_of_gemm']:.0%} of GEMM)"
+                    f"  peak {r['peak_step_bytes'] / 2**20:,.0f} MiB"
+                    f" ({r['peak_over_gemm_activations']:.2f}x GEMM activations)"
+                    + (f"  routing {overhead:.0%} of the step" if overhead is not None else "")
+                    + f"  {r['note']}"
                 )
 
 
