@@ -306,6 +306,22 @@ def _cross_checks(cfg: Config) -> list[str]:
         )
     if cfg.schedule.warmup_steps > cfg.schedule.steps:
         errors.append(f"schedule.warmup_steps: must be <= schedule.steps ({cfg.schedule.steps})")
+    if par.engine == "deepspeed":
+        errors += deepspeed_engine_errors(cfg)
+    return errors
+
+
+def deepspeed_engine_errors(cfg: Config) -> list[str]:
+    """What ``parallel.engine: deepspeed`` cannot do (checked with the config, and again by the
+    engine for configs built in code)."""
+    errors = []
+    if cfg.parallel.zero_stage == 3:
+        errors.append("parallel.zero_stage: DeepSpeed MoE layers do not support ZeRO stage 3 (use 0, 1 or 2)")
+    if cfg.checkpoint.every > 0:
+        errors.append(
+            "checkpoint.every: the deepspeed engine writes no checkpoints yet; "
+            "set 0 or use parallel.engine: native"
+        )
     return errors
 
 

@@ -32,6 +32,16 @@ CASES = [
     ("check", ["model.moe.losses.0.name=nope"], "model.moe.losses.0.name: unknown"),
     ("check", ["model.n_heads=3"], "dim (128) must be divisible by n_heads (3)"),
     ("check", ["model.dim"], "--set 'model.dim': expected KEY=VALUE"),
+    (
+        "check",
+        ["parallel.engine=deepspeed", "checkpoint.every=200"],
+        "checkpoint.every: the deepspeed engine writes no checkpoints yet",
+    ),
+    (
+        "check",
+        ["parallel.engine=deepspeed", "checkpoint.every=0", "parallel.zero_stage=3"],
+        "parallel.zero_stage: DeepSpeed MoE layers do not support ZeRO stage 3",
+    ),
 ]
 
 

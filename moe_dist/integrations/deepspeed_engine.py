@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_dist.config import Config, ConfigError, check_world_size
+from moe_dist.config import Config, ConfigError, check_world_size, deepspeed_engine_errors
 from moe_dist.integrations.deepspeed import MoeDistDeepSpeedMoE, build_deepspeed_moe, copy_from_native
 from moe_dist.integrations.plugin_routing import PluginRouting, after_step
 from moe_dist.layer import MoELayer
@@ -119,13 +119,6 @@ def convert_model(model: nn.Module, ep_size: int) -> nn.Module:
     return model
 
 
-def engine_config_errors(cfg: Config) -> list[str]:
-    errors = []
-    if cfg.parallel.zero_stage == 3:
-        errors.append("parallel.zero_stage: DeepSpeed MoE layers do not support ZeRO stage 3 (use 0, 1 or 2)")
-    return errors
-
-
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
     """The DeepSpeed JSON config our YAML implies (fp32; bf16 autocast is the native trainer's business)."""
     return {
@@ -144,7 +137,7 @@ def initialize(model: nn.Module, cfg: Config) -> Any:
     import deepspeed  # noqa: PLC0415 - heavy, only for this engine
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer  # noqa: PLC0415
 
-    errors = engine_config_errors(cfg)
+    errors = deepspeed_engine_errors(cfg)
     if errors:
         raise ConfigError(errors)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -186,7 +179,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         tokens_per_optimizer_step,
     )
 
-    errors = engine_config_errors(cfg) + (
+    errors = deepspeed_engine_errors(cfg) + (
         ["--resume: not supported with parallel.engine deepspeed"] if resume else []
     )
     if errors:
