@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_dist.config import ConfigError
 from moe_dist.grad_sync import is_expert_param
 from moe_dist.parallel.groups import ParallelGroups
 
@@ -146,6 +148,27 @@ def save(
     """Write checkpoint ``step`` atomically (collective: every rank calls it)."""
     model_sd = global_model_state(model, groups)
     optim_sd = global_optim_state(model, optimizer, groups)
+
+    def write(tmp: Path) -> None:
+        if groups.rank == 0:
+            torch.save(model_sd, tmp / "model.pt")
+            torch.save(optim_sd, tmp / "optim.pt")
+
+    return save_files(ckpt_root, step, groups, trainer, keep, write, engine="native")
+
+
+def save_files(
+    ckpt_root: Path,
+    step: int,
+    groups: ParallelGroups,
+    trainer: dict[str, Any],
+    keep: int,
+    write: Callable[[Path], None],
+    engine: str,
+) -> Path:
+    """The atomic part of a save, for any engine (collective): ``write(tmp)`` runs on every rank
+    and fills the temporary directory; every rank adds its RNG state; rank 0 records sizes and
+    hashes in meta.json, renames the directory to ``step_N``, replaces ``latest`` and prunes."""
     name = step_dir_name(step)
     final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
     if groups.rank == 0:
@@ -157,15 +180,18 @@ def save(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / f"rng_rank{groups.rank}.pt")
-    if groups.rank == 0:
-        torch.save(model_sd, tmp / "model.pt")
-        torch.save(optim_sd, tmp / "optim.pt")
+    write(tmp)
     _barrier(groups)
     if groups.rank == 0:
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        files = {
+            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file()
+        }
         meta = {
             "format": FORMAT,
             "version": VERSION,
+            "engine": engine,
             "step": step,
             "world_size": groups.world_size,
             "ep_size": groups.ep_size,
@@ -185,6 +211,32 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
     _barrier(groups)
     return final
+
+
+def restore_rng(path: Path, meta: dict[str, Any], groups: ParallelGroups) -> bool:
+    """This rank's generator states from checkpoint ``path``, if it was written by the same
+    world and EP size (else the streams stay as seeded); whether they were restored."""
+    rng_file = path / f"rng_rank{groups.rank}.pt"
+    same_layout = meta["world_size"] == groups.world_size and meta["ep_size"] == groups.ep_size
+    if not (same_layout and rng_file.is_file()):
+        return False
+    rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return True
+
+
+def read_meta(path: Path, engine: str) -> dict[str, Any]:
+    """meta.json of a verified checkpoint, refusing one another engine wrote."""
+    meta = json.loads((path / "meta.json").read_text())
+    written_by = meta.get("engine", "native")
+    if written_by != engine:
+        raise CheckpointError(
+            f"{path}: written by parallel.engine {written_by}; resume it with that engine "
+            f"(this run: {engine})"
+        )
+    return meta
 
 
 def _fsync_dir(path: Path) -> None:
@@ -244,6 +296,26 @@ def candidates(path: Path) -> list[Path]:
     return found
 
 
+def resume_from(resume: str | None, ckpt_root: Path, groups: ParallelGroups, log: Any = None) -> Path | None:
+    """The checkpoint a run starts from, for either engine: ``resume`` None is a fresh start (an
+    error when the run already has checkpoints: nothing is overwritten by accident); "" is this
+    run's newest usable checkpoint, or a fresh start when none was saved yet (elastic restarts
+    rely on it); anything else a checkpoint root or one ``step_*`` directory."""
+    if resume is None:
+        if list_checkpoints(ckpt_root):
+            raise ConfigError(
+                [
+                    f"run.name: {ckpt_root.parent} already has checkpoints (newest "
+                    f"{list_checkpoints(ckpt_root)[-1].name}); continue it with --resume, "
+                    "or start a new run with --set run.name=NEW"
+                ]
+            )
+        return None
+    if resume == "" and not candidates(ckpt_root):
+        return None
+    return choose(Path(resume) if resume else ckpt_root, groups, log)
+
+
 def choose(path: Path, groups: ParallelGroups, log: Any = None) -> Path:
     """The newest usable checkpoint under ``path`` (rank 0 decides; every rank gets the answer)."""
     choice: list[Any] = [None]
@@ -274,7 +346,7 @@ def load(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, groups: ParallelGroups
 ) -> Loaded:
     """Load checkpoint ``path`` (already verified) into this rank's model and optimizer."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path, "native")
     experts = _expert_names(model)
     saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     current = model.state_dict()
@@ -301,15 +373,7 @@ def load(
     model.load_state_dict(new_sd, strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(_local_optim_state(path, model, optimizer, groups, experts))
-    rng_file = path / f"rng_rank{groups.rank}.pt"
-    rng_restored = (
-        meta["world_size"] == groups.world_size and meta["ep_size"] == groups.ep_size and rng_file.is_file()
-    )
-    if rng_restored:
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    rng_restored = restore_rng(path, meta, groups)
     return Loaded(
         path=path, step=int(meta["step"]), trainer=meta.get("trainer", {}), rng_restored=rng_restored
     )

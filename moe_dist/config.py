@@ -317,11 +317,6 @@ def deepspeed_engine_errors(cfg: Config) -> list[str]:
     errors = []
     if cfg.parallel.zero_stage == 3:
         errors.append("parallel.zero_stage: DeepSpeed MoE layers do not support ZeRO stage 3 (use 0, 1 or 2)")
-    if cfg.checkpoint.every > 0:
-        errors.append(
-            "checkpoint.every: the deepspeed engine writes no checkpoints yet; "
-            "set 0 or use parallel.engine: native"
-        )
     return errors
 
 

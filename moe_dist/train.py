@@ -236,23 +236,9 @@ def train(
 
         # ---- 2. resume
         start_step = 0
-        if resume is None and checkpoint.list_checkpoints(ckpt_root):
-            raise ConfigError(
-                [
-                    f"run.name: {run_dir} already has checkpoints (newest "
-                    f"{checkpoint.list_checkpoints(ckpt_root)[-1].name}); continue it with --resume, "
-                    "or start a new run with --set run.name=NEW"
-                ]
-            )
-        if resume == "" and not checkpoint.candidates(ckpt_root):
-            resume = None  # `--resume` alone, nothing saved yet: a fresh start (elastic restarts rely on it)
-        if resume is not None:
-            loaded = checkpoint.load(
-                checkpoint.choose(Path(resume) if resume else ckpt_root, groups, console.stream),
-                model,
-                optimizer,
-                groups,
-            )
+        resume_path = checkpoint.resume_from(resume, ckpt_root, groups, console.stream)
+        if resume_path is not None:
+            loaded = checkpoint.load(resume_path, model, optimizer, groups)
             start_step = loaded.step
             counts_total = [
                 torch.tensor(c, dtype=torch.float64) for c in loaded.trainer.get("counts", [])
@@ -265,7 +251,7 @@ def train(
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
         log = (
-            MetricsLog(run_dir / "metrics.jsonl", start_step if resume is not None else None)
+            MetricsLog(run_dir / "metrics.jsonl", start_step if resume_path is not None else None)
             if is_main
             else None
         )

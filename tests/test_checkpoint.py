@@ -72,3 +72,19 @@ def test_ep2_checkpoint_resumes_at_ep1_and_ep4(tmp_path: Path) -> None:
 def test_verify_reports_missing_and_corrupt_files(tmp_path: Path) -> None:
     assert checkpoint.verify(tmp_path) is not None  # no meta.json
     assert checkpoint.candidates(tmp_path / "nothing") == []
+
+
+def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path: Path) -> None:
+    import json
+
+    step = tmp_path / "step_000004"
+    step.mkdir()
+    meta = {"format": checkpoint.FORMAT, "engine": "deepspeed", "step": 4, "files": {}}
+    (step / "meta.json").write_text(json.dumps(meta))
+    assert checkpoint.read_meta(step, "deepspeed")["step"] == 4
+    with pytest.raises(checkpoint.CheckpointError, match="written by parallel.engine deepspeed"):
+        checkpoint.read_meta(step, "native")
+    del meta["engine"]  # checkpoints from before the field: the native trainer's
+    (step / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="written by parallel.engine native"):
+        checkpoint.read_meta(step, "deepspeed")

@@ -287,3 +287,59 @@ def test_used_token_mask_keeps_masked_tokens_out() -> None:
     _, C, _, idx_KT, _, gates_KT, counts_E = gate(torch.randn(6, H), used_T, True)
     assert (idx_KT[:, used_T == 0] == -1).all() and (gates_KT[:, used_T == 0] == 0).all()
     assert (idx_KT[:, used_T == 1] >= 0).all() and int(counts_E.sum()) == 4 * 2 and C == int(counts_E.max())
+
+
+def _engine_resume_body(
+    rank: int, world_size: int, out: str, stop_after: int | None, resume: str | None
+) -> dict:
+    """8 steps, a checkpoint every 4, through the engine; DeepSeek router (its ``expert_bias_E``
+    buffer) and a shared expert: both carry "expert" in their state-dict keys."""
+    import json
+
+    from moe_dist.config import config_from_dict
+    from moe_dist.integrations import deepspeed_engine
+
+    cfg = config_from_dict(
+        {
+            "run": {"name": "dsr", "out_dir": out, "device": "cpu", "seed": 5},
+            "model": {
+                "dim": 32,
+                "n_layers": 2,
+                "n_heads": 2,
+                "max_seq_len": 32,
+                "moe": {
+                    "num_experts": 4,
+                    "router": {"name": "topk_sigmoid_bias", "top_k": 2},
+                    "losses": [{"name": "seq_aux", "coef": 0.01}],
+                    "experts": {"ffn_hidden_size": 32},
+                    "shared_experts": {"count": 1, "ffn_hidden_size": 32},
+                },
+            },
+            "parallel": {"ep_size": 2, "engine": "deepspeed", "zero_stage": 1},
+            "optim": {"lr": 1e-2},
+            "schedule": {"steps": 8, "warmup_steps": 2},
+            "data": {"seq_len": 32, "micro_batch_size": 4, "grad_accum": 1, "max_bytes": 200_000},
+            "eval": {"every": 0, "batches": 2},
+            "checkpoint": {"every": 4, "keep": 2},
+        }
+    )
+    result = deepspeed_engine.train(cfg, resume=resume, stop_after=stop_after)
+    steps_logged = []
+    if rank == 0:
+        lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        steps_logged = [json.loads(line)["step"] for line in lines]
+    return {"losses": result.losses, "start": result.start_step, "logged": steps_logged}
+
+
+@pytest.mark.slow
+def test_engine_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path) -> None:  # noqa: ANN001
+    full = run_on_ranks(_engine_resume_body, 2, (str(tmp_path / "full"), None, None))
+    # the job dies after step 6: the checkpoint of step 4 is the newest
+    run_on_ranks(_engine_resume_body, 2, (str(tmp_path / "killed"), 6, None))
+    assert (tmp_path / "killed/dsr/checkpoints/latest").read_text().strip() == "step_000004"
+    resumed = run_on_ranks(_engine_resume_body, 2, (str(tmp_path / "killed"), None, ""))
+    assert resumed[0]["start"] == 4
+    assert {s: resumed[0]["losses"][s] for s in range(5, 9)} == {s: full[0]["losses"][s] for s in range(5, 9)}
+    assert resumed[0]["logged"] == list(range(1, 9))  # the dead run's steps 5-6 are not logged twice
+    kept = sorted(p.name for p in (tmp_path / "killed/dsr/checkpoints").glob("step_*"))
+    assert kept == ["step_000004", "step_000008"]

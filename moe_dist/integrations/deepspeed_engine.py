@@ -19,10 +19,12 @@ all-to-all, experts) around our router and losses, initialised with the native l
    (expert parameters in their own ``moe`` groups, needed by ZeRO); torch AdamW.
 3. ``deepspeed.initialize`` with ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``,
    ``gradient_clipping`` and ``zero_optimization.stage`` from our config.
-4. Loop: per micro-batch ``engine(x)``, ``engine.backward(task + aux)``, ``engine.step()`` (which
+4. Resume (``--resume``): ``deepspeed_checkpoint.load`` (DeepSpeed's files, our meta.json).
+5. Loop: per micro-batch ``engine(x)``, ``engine.backward(task + aux)``, ``engine.step()`` (which
    steps the optimizer at the accumulation boundary); then `after_step` (global counts, router
-   after-step hooks), metrics.jsonl, telemetry (``Telemetry.on_step``), evaluation.
-5. summary.json, telemetry summary.
+   after-step hooks), metrics.jsonl, telemetry (``Telemetry.on_step``), evaluation, and
+   checkpoints every ``checkpoint.every`` steps and at the end (``deepspeed_checkpoint.save``).
+6. summary.json, telemetry summary.
 
 Run it with ``deepspeed --num_gpus N --master_addr 127.0.0.1 --no_local_rank $(which moe-dist)
 train CONFIG --set parallel.engine=deepspeed`` (on CPU: ``DS_ACCELERATOR=cpu``, gloo, and
@@ -38,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist import checkpoint
 from moe_dist.config import Config, ConfigError, check_world_size, deepspeed_engine_errors
+from moe_dist.integrations import deepspeed_checkpoint
 from moe_dist.integrations.deepspeed import MoeDistDeepSpeedMoE, build_deepspeed_moe, copy_from_native
 from moe_dist.integrations.plugin_routing import PluginRouting, after_step
 from moe_dist.layer import MoELayer
@@ -59,6 +63,7 @@ class DeepSpeedMoELayer(MoELayer):
         self.num_local_experts, self.top_k = native.num_local_experts, native.top_k
         self.moe: MoeDistDeepSpeedMoE = build_deepspeed_moe(native.cfg, native.hidden_size, ep_size=ep_size)
         copy_from_native(self.moe, native)
+        deepspeed_checkpoint.protect_gate_keys(self.moe)
         for p in self.moe.deepspeed_moe.experts.parameters():
             p.expert_parallel = True  # type: ignore[attr-defined]  # model.num_params counts them
         self.timing = False
@@ -156,8 +161,9 @@ def initialize(model: nn.Module, cfg: Config) -> Any:
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, stream: Any = None) -> Any:
     """``moe_dist.train.train`` through the DeepSpeed engine (see the module docstring); a ``TrainResult``.
 
-    Writes what the native trainer writes (config.json, metrics.jsonl, summary.json) and feeds
-    telemetry the same way; no checkpoints (see docs/integrations/deepspeed.md).
+    Writes what the native trainer writes (config.json, metrics.jsonl, summary.json, checkpoints
+    every ``checkpoint.every`` steps and at the end, in DeepSpeed's format: deepspeed_checkpoint)
+    and feeds telemetry the same way; ``resume`` as the native trainer's.
     """
     import json  # noqa: PLC0415
 
@@ -179,9 +185,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         tokens_per_optimizer_step,
     )
 
-    errors = deepspeed_engine_errors(cfg) + (
-        ["--resume: not supported with parallel.engine deepspeed"] if resume else []
-    )
+    errors = deepspeed_engine_errors(cfg)
     if errors:
         raise ConfigError(errors)
     # 1. groups, model
@@ -198,22 +202,33 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         engine = initialize(model.to(device), cfg)
         torch.manual_seed(cfg.run.seed + 1000 + groups.rank)
         run_dir = run_dir_of(cfg)
+        ckpt_root = run_dir / "checkpoints"
+        moe_blocks = [i for i, b in enumerate(model.blocks) if b.is_moe]
+        counts_total = [torch.zeros(cfg.model.moe.num_experts, dtype=torch.float64) for _ in moe_blocks]
+        # 4. resume (weights, experts, optimizer, generators, trainer state)
+        start_step = 0
+        resume_path = checkpoint.resume_from(resume, ckpt_root, groups, console.stream)
+        if resume_path is not None:
+            loaded = deepspeed_checkpoint.load(engine, resume_path, groups)
+            start_step = loaded.step
+            counts_total = [
+                torch.tensor(c, dtype=torch.float64) for c in loaded.trainer.get("counts", [])
+            ] or counts_total
+            console.say(f"resumed from {loaded.path} at step {start_step}")
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
-            log = MetricsLog(run_dir / "metrics.jsonl", None)
+            log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_path is not None else None)
         tel = _start_telemetry(cfg, groups, model, info.local_rank)
         console.say(
             f"{cfg.run.name}: DeepSpeed engine, ZeRO {cfg.parallel.zero_stage}, world {groups.world_size}"
             f" = DP {groups.dp_size} x EP {groups.ep_size}, device {device}, data: {batches.source}"
         )
-        moe_blocks = [i for i, b in enumerate(model.blocks) if b.is_moe]
-        counts_total = [torch.zeros(cfg.model.moe.num_experts, dtype=torch.float64) for _ in moe_blocks]
-        result = TrainResult(run_dir=run_dir, start_step=0)
+        result = TrainResult(run_dir=run_dir, start_step=start_step)
         tokens_per_step = tokens_per_optimizer_step(cfg, groups)
-        t_run, step = time.perf_counter(), 0
-        # 4. loop
-        for step in range(1, cfg.schedule.steps + 1):
+        t_run, step = time.perf_counter(), start_step
+        # 5. loop
+        for step in range(start_step + 1, cfg.schedule.steps + 1):
             t0 = time.perf_counter()
             lr = lr_at(step - 1, cfg.optim, cfg.schedule)
             set_lr(engine.optimizer, lr)
@@ -277,11 +292,15 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
                 log.write(record)
             extra = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
             console.step(step, loss, lr, record["tokens_per_s"], extra)
+            if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                trainer_state = {"counts": [c.tolist() for c in counts_total]}
+                deepspeed_checkpoint.save(engine, ckpt_root, step, groups, trainer_state, cfg.checkpoint.keep)
             if stop_after is not None and step >= stop_after:
                 break
-        # 5. end
+        # 6. end
         result.seconds = time.perf_counter() - t_run
-        result.tokens_per_s = step * tokens_per_step / result.seconds if step else 0.0
+        steps_run = step - start_step
+        result.tokens_per_s = steps_run * tokens_per_step / result.seconds if steps_run else 0.0
         result.counts_per_layer = [c.tolist() for c in counts_total]
         summary = end_summary(
             run_dir,
@@ -291,6 +310,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
             moe_blocks,
             is_main and stop_after is None,
             engine={"engine": "deepspeed", "zero_stage": cfg.parallel.zero_stage},
+            checkpoints=ckpt_root,
         )
         if tel is not None:
             tel.close(summary)
