@@ -2,9 +2,13 @@
 
 Layout of ``<run dir>/checkpoints/``::
 
-    step_000100/   meta.json (step, trainer state, file sizes and SHA-256), model.pt, optim.pt,
-                   rng_rank<r>.pt (each rank's generator states)
+    step_000100/   meta.json (engine, step, trainer state, file sizes and SHA-256), model.pt,
+                   optim.pt, rng_rank<r>.pt (each rank's generator states)
     latest         the name of the newest complete checkpoint
+
+The DeepSpeed engine writes DeepSpeed's files in place of model.pt and optim.pt
+(``integrations/deepspeed_checkpoint.py``) through the same ``save_files``, ``resume_from``
+and ``verify``; a checkpoint resumes only under the engine that wrote it.
 
 Saving (every rank calls ``save``):
 1. Expert tensors (parameters with ``expert_parallel`` and their AdamW moments) are all-gathered
