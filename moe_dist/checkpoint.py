@@ -61,6 +61,11 @@ class Loaded:
     trainer: dict[str, Any] = field(default_factory=dict)
     rng_restored: bool = False
 
+    def counts(self, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The trainer's whole-run expert counts per MoE layer; ``fresh`` when none were saved."""
+        saved = [torch.tensor(c, dtype=torch.float64) for c in self.trainer.get("counts", [])]
+        return saved or fresh
+
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"

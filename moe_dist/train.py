@@ -240,9 +240,7 @@ def train(
         if resume_path is not None:
             loaded = checkpoint.load(resume_path, model, optimizer, groups)
             start_step = loaded.step
-            counts_total = [
-                torch.tensor(c, dtype=torch.float64) for c in loaded.trainer.get("counts", [])
-            ] or counts_total
+            counts_total = loaded.counts(counts_total)
             console.say(
                 f"resumed from {loaded.path} at step {start_step}"
                 + ("" if loaded.rng_restored else " (new EP/world size: RNG streams reseeded)")

@@ -211,9 +211,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         if resume_path is not None:
             loaded = deepspeed_checkpoint.load(engine, resume_path, groups)
             start_step = loaded.step
-            counts_total = [
-                torch.tensor(c, dtype=torch.float64) for c in loaded.trainer.get("counts", [])
-            ] or counts_total
+            counts_total = loaded.counts(counts_total)
             console.say(f"resumed from {loaded.path} at step {start_step}")
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
