@@ -3,21 +3,26 @@
 Shape legend: X rows (expert-major), H hidden size, F ffn hidden size, e local experts,
 n rows of one expert.
 
-Used wherever ``grouped_mm`` is not (CPU always; CUDA without a working ``grouped_mm``). Next to
-the same maths left to autograd it
+Used wherever ``grouped_mm`` is not (CPU always; CUDA without a working ``grouped_mm``;
+``grouped_expert_mlp.py`` is the same function over one grouped GEMM). Next to the same maths
+left to autograd it
 
-* saves only ``x`` and the pre-activations ``h1`` (and ``h3`` for SwiGLU) for the backward and
-  recomputes ``act(h1) * h3`` there (one elementwise pass), instead of keeping four [X, F]
-  tensors;
+* saves only ``x`` and the pre-activations ``h1`` (and ``h3`` for SwiGLU), plus the per-row
+  routing weights, for the backward and recomputes ``act(h1) * h3`` there (one elementwise
+  pass), instead of keeping four [X, F] tensors;
+* applies each row's routing weight inside the MLP, before the down projection (optional
+  ``scale_X``), so the combine after it is an unweighted sum that keeps nothing for its backward
+  (a weighted combine would keep the [X, H] expert outputs to differentiate the weights);
 * writes each expert's weight gradient straight into one [e, ...] gradient (no per-expert
   zero-filled copies, no stack), and gives experts without rows an exact zero gradient;
 * runs the SwiGLU backward as four elementwise passes (``silu_backward`` is one fused kernel);
 * multiplies through oneDNN on CPU in fp32 (``cpu_matmul``), ``torch.mm`` otherwise.
 
-Forward, per expert i with rows x_nH:  h1 = x @ w1[i];  a = silu(h1) * (h3 = x @ w3[i])  (GELU:
-a = gelu(h1));  y = a @ w2[i].
-Backward, per expert:  da = dy @ w2[i]^T;  dw2[i] = a^T dy;  dh3 = da * silu(h1);
-dh1 = silu'(h1) * da * h3;  dw1[i] = x^T dh1;  dw3[i] = x^T dh3;  dx = dh1 w1[i]^T + dh3 w3[i]^T.
+Forward, per expert i with rows x_nH and weights s_n:  h1 = x @ w1[i];  h3 = x @ w3[i];
+u = silu(h1) * h3  (GELU: u = gelu(h1));  a = s * u;  y = a @ w2[i].
+Backward, per expert:  du = dy @ w2[i]^T;  ds = rowsum(du * u);  da = s * du;  dw2[i] = a^T dy;
+dh3 = da * silu(h1);  dh1 = silu'(h1) * da * h3;  dw1[i] = x^T dh1;  dw3[i] = x^T dh3;
+dx = dh1 w1[i]^T + dh3 w3[i]^T.
 """
 
 from __future__ import annotations
@@ -28,6 +33,32 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist.cpu_matmul import CpuMatmul, matmul, uses_onednn
+
+
+def activation(h1_nF: torch.Tensor, h3_nF: torch.Tensor | None) -> torch.Tensor:
+    """``u = silu(h1) * h3`` (SwiGLU) or ``gelu(h1)``; a new tensor."""
+    return F.silu(h1_nF).mul_(h3_nF) if h3_nF is not None else F.gelu(h1_nF)
+
+
+def activation_backward(
+    du_nF: torch.Tensor, h1_nF: torch.Tensor, h3_nF: torch.Tensor | None, scale_n: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """From ``du = dy @ w2^T`` (the gradient of the unscaled activation): ``(a, dh1, dh3, ds)``,
+    with ``a = s * u`` recomputed for ``dw2 = a^T dy`` and ``ds`` the routing weights' gradient
+    (fp32 sums). Consumes ``du`` (its memory becomes ``dh1``)."""
+    s_nF = F.silu(h1_nF) if h3_nF is not None else F.gelu(h1_nF)
+    a_nF = s_nF * h3_nF if h3_nF is not None else s_nF  # GELU: s is not needed after this
+    ds_n = None
+    if scale_n is not None:
+        ds_n = torch.linalg.vecdot(du_nF, a_nF).float()
+        s_n1 = scale_n.to(a_nF.dtype).unsqueeze(1)
+        a_nF.mul_(s_n1)
+        du_nF.mul_(s_n1)  # now da
+    if h3_nF is None:
+        return a_nF, torch.ops.aten.gelu_backward(du_nF, h1_nF), None, ds_n
+    dh3_nF = s_nF.mul_(du_nF)
+    dh1_nF = torch.ops.aten.silu_backward.grad_input(du_nF.mul_(h3_nF), h1_nF, grad_input=du_nF)
+    return a_nF, dh1_nF, dh3_nF, ds_n
 
 
 def _weight_grad(out_AB: torch.Tensor, a_AN: torch.Tensor, b_NB: torch.Tensor, onednn: bool) -> None:
@@ -47,40 +78,48 @@ class _ExpertMLP(torch.autograd.Function):
         w1_eHF: torch.Tensor,
         w3_eHF: torch.Tensor | None,
         w2_eFH: torch.Tensor,
+        scale_X: torch.Tensor | None,
         counts: list[int],
         onednn: bool,
     ) -> torch.Tensor:
         x_XH = x_XH.contiguous()
+        scales = torch.split(scale_X, counts) if scale_X is not None else [None] * len(counts)
         h1s, h3s, ys = [], [], []
-        for i, x_nH in enumerate(torch.split(x_XH, counts)):
+        for i, (x_nH, s_n) in enumerate(zip(torch.split(x_XH, counts), scales)):
             if x_nH.shape[0] == 0:
                 continue
             h1 = matmul(x_nH, w1_eHF[i], onednn)
             h3 = matmul(x_nH, w3_eHF[i], onednn) if w3_eHF is not None else None
-            a_nF = F.silu(h1).mul_(h3) if h3 is not None else F.gelu(h1)
+            a_nF = activation(h1, h3)
+            if s_n is not None:
+                a_nF.mul_(s_n.to(a_nF.dtype).unsqueeze(1))
             ys.append(matmul(a_nF, w2_eFH[i], onednn))
             h1s.append(h1)
             if h3 is not None:
                 h3s.append(h3)
         ctx.counts, ctx.onednn, ctx.swiglu = counts, onednn, w3_eHF is not None
         ctx.num_h1 = len(h1s)
-        ctx.save_for_backward(x_XH, w1_eHF, w3_eHF, w2_eFH, *h1s, *h3s)
+        ctx.save_for_backward(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, *h1s, *h3s)
         if not ys:
             return x_XH.new_zeros(0, w2_eFH.shape[-1])
         return ys[0] if len(ys) == 1 else torch.cat(ys)
 
     @staticmethod
     def backward(ctx: Any, dy_XH: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x_XH, w1_eHF, w3_eHF, w2_eFH, *acts = ctx.saved_tensors
+        x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, *acts = ctx.saved_tensors
         h1s, h3s = acts[: ctx.num_h1], acts[ctx.num_h1 :]
         onednn, need_x = ctx.onednn, ctx.needs_input_grad[0]
+        counts = ctx.counts
         dy_XH = dy_XH.contiguous()
         dw1 = torch.empty_like(w1_eHF)
         dw3 = torch.empty_like(w3_eHF) if w3_eHF is not None else None
         dw2 = torch.empty_like(w2_eFH)
-        dxs = []
+        scales = torch.split(scale_X, counts) if scale_X is not None else [None] * len(counts)
+        dxs, dss = [], []
         j = 0  # index among experts with rows (the saved activations)
-        for i, (x_nH, dy_nH) in enumerate(zip(torch.split(x_XH, ctx.counts), torch.split(dy_XH, ctx.counts))):
+        for i, (x_nH, dy_nH, s_n) in enumerate(
+            zip(torch.split(x_XH, counts), torch.split(dy_XH, counts), scales)
+        ):
             if x_nH.shape[0] == 0:
                 for dw in (dw1, dw3, dw2):
                     if dw is not None:
@@ -92,30 +131,39 @@ class _ExpertMLP(torch.autograd.Function):
             # Weight gradients: oneDNN copies a transposed left operand, so x^T is made once
             # for dw1 and dw3 (torch.mm reads it in place and writes into the gradient).
             xt_Hn = x_nH.t().contiguous() if onednn else x_nH.t()
-            s_nF = F.silu(h1) if h3 is not None else F.gelu(h1)
-            a_nF = s_nF * h3 if h3 is not None else s_nF
+            du = matmul(dy_nH, w2_eFH[i].t(), onednn)
+            a_nF, dh1, dh3, ds_n = activation_backward(du, h1, h3, s_n)
             # dw2 = a^T dy through torch.mm: oneDNN would copy a^T ([F, n], the larger operand)
             # first, which costs more than its faster kernel saves (measured, ~3 %).
             torch.mm(a_nF.t(), dy_nH, out=dw2[i])
             del a_nF
-            da = matmul(dy_nH, w2_eFH[i].t(), onednn)
-            if h3 is not None:
-                dh3 = s_nF.mul_(da)
-                dh1 = torch.ops.aten.silu_backward(da.mul_(h3), h1)
+            if ds_n is not None:
+                dss.append(ds_n)
+            if dh3 is not None:
                 _weight_grad(dw3[i], xt_Hn, dh3, onednn)  # type: ignore[index]
-            else:
-                dh3 = None
-                dh1 = torch.ops.aten.gelu_backward(da, h1)
             _weight_grad(dw1[i], xt_Hn, dh1, onednn)
             if need_x:
                 dx = matmul(dh1, w1_eHF[i].t(), onednn)
                 if dh3 is not None:
                     dx.add_(matmul(dh3, w3_eHF[i].t(), onednn))
                 dxs.append(dx)
-        dx_XH = None
+        dx_XH = ds_X = None
         if need_x:
             dx_XH = torch.cat(dxs) if dxs else torch.zeros_like(x_XH)
-        return dx_XH, dw1, dw3, dw2, None, None
+        if scale_X is not None and ctx.needs_input_grad[4]:
+            ds_X = (torch.cat(dss) if dss else scale_X.new_zeros(0)).to(scale_X.dtype)
+        return dx_XH, dw1, dw3, dw2, ds_X, None, None
+
+
+def check_expert_inputs(
+    name: str, x_XH: torch.Tensor, w1_eHF: torch.Tensor, scale_X: torch.Tensor | None, num_rows: int | None
+) -> None:
+    """One message for rows, counts, weights and routing weights that do not fit together."""
+    e = w1_eHF.shape[0]
+    if num_rows is not None and num_rows != x_XH.shape[0]:
+        raise ValueError(f"{name}: counts sum to {num_rows} for {x_XH.shape[0]} rows and {e} experts")
+    if scale_X is not None and scale_X.shape != (x_XH.shape[0],):
+        raise ValueError(f"{name}: scale_X has shape {tuple(scale_X.shape)} for {x_XH.shape[0]} rows")
 
 
 def expert_mlp(
@@ -125,12 +173,12 @@ def expert_mlp(
     w2_eFH: torch.Tensor,
     counts: list[int],
     cpu_matmul: CpuMatmul = "onednn",
+    scale_X: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y_XH``: rows ``counts[i]`` of ``x_XH`` (expert-major) through expert i's MLP; SwiGLU when
-    ``w3_eHF`` is given, else GELU. Differentiable in ``x`` and all weights."""
-    if sum(counts) != x_XH.shape[0] or len(counts) != w1_eHF.shape[0]:
-        raise ValueError(
-            f"expert_mlp: {len(counts)} counts summing to {sum(counts)} for {x_XH.shape[0]} rows and "
-            f"{w1_eHF.shape[0]} experts"
-        )
-    return _ExpertMLP.apply(x_XH, w1_eHF, w3_eHF, w2_eFH, counts, uses_onednn(x_XH, cpu_matmul))
+    """``y_XH``: rows ``counts[i]`` of ``x_XH`` (expert-major) through expert i's MLP, each row's
+    activation times ``scale_X`` (its routing weight) when given; SwiGLU when ``w3_eHF`` is given,
+    else GELU. Differentiable in ``x``, all weights and ``scale_X``."""
+    if len(counts) != w1_eHF.shape[0]:
+        raise ValueError(f"expert_mlp: {len(counts)} counts for {w1_eHF.shape[0]} experts")
+    check_expert_inputs("expert_mlp", x_XH, w1_eHF, scale_X, sum(counts))
+    return _ExpertMLP.apply(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, counts, uses_onednn(x_XH, cpu_matmul))

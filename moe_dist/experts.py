@@ -9,17 +9,20 @@ expert, ``tokens_per_expert_e[i]`` rows for local expert i (zero is fine).
 1. h_XF = act(x @ w1[i]) (* x @ w3[i] for SwiGLU), per expert group of rows.
 2. y_XH = h_XF @ w2[i].
 
-On CUDA each GEMM is one ``torch.nn.functional.grouped_mm`` call where it works (probed once
-per (device, dtype): bf16 on Hopper-class GPUs, 16-byte aligned rows). Elsewhere, and on CPU by
-choice, ``expert_mlp`` runs the whole MLP per expert with a hand-written backward and oneDNN
-GEMMs on CPU (see ``GroupedExperts.use_grouped_mm``). Both give zero (not None) weight gradients
-to experts without tokens.
+With ``scale_X`` (each row's routing weight) the activation is scaled before step 2, so the
+combine that follows is a plain sum (see ``expert_mlp.py``).
+
+On CUDA each GEMM is one ``torch.nn.functional.grouped_mm`` call where it works
+(``grouped_expert_mlp.py``, probed once per (device, dtype) forward and backward; 16-byte
+aligned rows). Elsewhere, and on CPU by choice, ``expert_mlp`` runs the MLP per expert with oneDNN
+GEMMs on CPU (see ``GroupedExperts.use_grouped_mm``). Both save only the GEMMs' inputs for the
+backward and give zero (not None) weight gradients to experts without tokens.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,50 +30,7 @@ from torch import nn
 
 from moe_dist.cpu_matmul import CpuMatmul
 from moe_dist.expert_mlp import expert_mlp
-
-_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``grouped_mm`` runs and is correct here; probed once (tiny GEMM vs a loop)."""
-    key = (str(device), dtype)
-    if key not in _GROUPED_MM_OK:
-        ok = False
-        fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-        if fn is not None:
-            try:
-                a = torch.arange(32 * 16, device=device).reshape(32, 16).remainder(7).to(dtype)
-                b = torch.arange(2 * 16 * 16, device=device).reshape(2, 16, 16).remainder(5).to(dtype)
-                offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
-                got = fn(a, b, offs=offs)
-                want = torch.cat([a[:16] @ b[0], a[16:] @ b[1]])
-                ok = bool(torch.equal(got, want))
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
-        _GROUPED_MM_OK[key] = ok
-    return _GROUPED_MM_OK[key]
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous (grouped_mm's backward needs it)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad.contiguous()
-
-
-def grouped_matmul(
-    x_XA: torch.Tensor, w_eAB: torch.Tensor, tokens_per_expert_e: torch.Tensor
-) -> torch.Tensor:
-    """``y[rows of expert i] = x[rows of expert i] @ w[i]`` as one ``grouped_mm``;
-    ``tokens_per_expert_e`` on the device or the host."""
-    offs_e = torch.cumsum(tokens_per_expert_e, 0).to(device=x_XA.device, dtype=torch.int32, non_blocking=True)
-    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
-    return _ContiguousGrad.apply(fn(x_XA, w_eAB, offs=offs_e))
+from moe_dist.grouped_expert_mlp import grouped_expert_mlp, grouped_experts_work
 
 
 class GroupedExperts(nn.Module):
@@ -134,20 +94,18 @@ class GroupedExperts(nn.Module):
                 if local.start <= g < local.stop:
                     w[g - local.start].copy_(draw)
 
-    def forward(self, x_XH: torch.Tensor, tokens_per_expert_e: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_XH: torch.Tensor, tokens_per_expert_e: torch.Tensor, scale_X: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``tokens_per_expert_e`` may live on the device: grouped_mm reads it there (no host
-        synchronisation); the per-expert loop copies it to the host."""
+        synchronisation); the per-expert loop copies it to the host. ``scale_X``: optional
+        per-row routing weights, applied to the activation (differentiable)."""
         dt = x_XH.dtype
         w1, w2 = self.w1_eHF.to(dt), self.w2_eFH.to(dt)
         w3 = self.w3_eHF.to(dt) if self.w3_eHF is not None else None
         if self.use_grouped_mm(x_XH):
-            h_XF = grouped_matmul(x_XH, w1, tokens_per_expert_e)
-            if w3 is not None:
-                h_XF = F.silu(h_XF) * grouped_matmul(x_XH, w3, tokens_per_expert_e)
-            else:
-                h_XF = F.gelu(h_XF)
-            return grouped_matmul(h_XF, w2, tokens_per_expert_e)
-        return expert_mlp(x_XH, w1, w3, w2, tokens_per_expert_e.tolist(), self.cpu_matmul)
+            return grouped_expert_mlp(x_XH, w1, w3, w2, tokens_per_expert_e, scale_X)
+        return expert_mlp(x_XH, w1, w3, w2, tokens_per_expert_e.tolist(), self.cpu_matmul, scale_X)
 
     def use_grouped_mm(self, x_XH: torch.Tensor) -> bool:
         """grouped_mm on CUDA where it works (bf16, aligned). On CPU, grouped_mm is itself a loop
@@ -158,8 +116,8 @@ class GroupedExperts(nn.Module):
         wanted = x_XH.device.type == "cuda" if self.force_grouped_mm is None else self.force_grouped_mm
         return (
             wanted
-            and grouped_mm_supported(x_XH.device, x_XH.dtype)
             and _aligned(x_XH, self.hidden, self.ffn_hidden)
+            and grouped_experts_work(x_XH.device, x_XH.dtype)
         )
 
     def extra_repr(self) -> str:

@@ -35,8 +35,9 @@ class MoELayer(nn.Module):
        coefficient-weighted scalar. Computed in train and eval mode alike.
     3. Experts' input is ``x_TH + routing.expert_input_delta_TH`` when the router sets a delta.
     4. Dispatch: sort slots by expert, all-to-all to the EP rank hosting each expert.
-    5. Experts: one grouped GEMM chain over this rank's e local experts.
-    6. Combine: all-to-all back, weighted sum of each token's K expert outputs.
+    5. Experts: one grouped GEMM chain over this rank's e local experts; each row's activation
+       is scaled by its routing weight before the down projection.
+    6. Combine: all-to-all back, sum of each token's K (already weighted) expert outputs.
     7. Shared experts (if any) see every token; their output is added.
     8. Statistics (training mode only, so eval leaves balancing state alone): token-slots per
        expert, rows received per local expert, dropped slots, the last aux values.
@@ -109,7 +110,7 @@ class MoELayer(nn.Module):
         t0 = self._clock()
         expert_in_YH, tokens_per_expert_e, ctx = self.dispatcher.dispatch(xe_TH, routing)
         t1 = self._clock()
-        expert_out_YH = self.experts(expert_in_YH, tokens_per_expert_e)
+        expert_out_YH = self.experts(expert_in_YH, tokens_per_expert_e, ctx.row_weights_Y)
         t2 = self._clock()
         y_TH = self.dispatcher.combine(expert_out_YH, ctx)
         t3 = self._clock()

@@ -33,7 +33,8 @@ def test_dispatch_keeps_the_documented_slots() -> None:
     assert tokens_per_expert.tolist() == [2, 2, 2]
     assert expert_in.reshape(-1).tolist() == [1.0, 3.0, 4.0, 6.0, 2.0, 5.0]  # token order inside an expert
     assert ctx.dropped == 5
-    y = dispatcher.combine(expert_in * 10, ctx)  # expert = multiply by 10
+    assert ctx.row_weights_Y.tolist() == pytest.approx([0.6, 0.7, 0.6, 0.5, 0.5, 1.0])
+    y = dispatcher.combine(expert_in * 10 * ctx.row_weights_Y.unsqueeze(1), ctx)  # expert = x10
     want = [0.6 * 10, 0.5 * 20, 0.7 * 30, 0.6 * 40, 1.0 * 50, 0.5 * 60]
     torch.testing.assert_close(y.reshape(-1), torch.tensor(want))
 

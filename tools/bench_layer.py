@@ -18,8 +18,10 @@ off with ``--no-retain-memory``), so neither implementation pays page faults the
 Qwen3-like (H 2048, F 768, E 128, K 8), DeepSeek-like (H 2048, F 1408, E 64, K 6) at 8192
 tokens; our layer and, when importable, Megatron-Core's MoELayer; the ceiling is a plain bf16
 8192^3 GEMM. FLOPs of a forward + backward: ``3 * (4*T*K*H*F + 2*T*K*F*H)`` (SwiGLU experts).
-Per row also: the peak memory one step allocates, over the activations the expert GEMMs keep
-(rows [T*K, H] and two pre-activations [T*K, F], bf16), and for our layer the share of the step
+Per row also: the peak memory one step allocates and the bytes its forward keeps for the backward
+(``moe_dist.activation_memory``), each over the activations the expert GEMMs need (rows [T*K, H]
+and two pre-activations [T*K, F], bf16; the peak also holds the weight gradients' buffers before
+they are accumulated), and for our layer the share of the step
 that is not the experts (router, dispatch, combine: the step minus the experts alone on the
 rows one dispatch gives them).
 
@@ -47,6 +49,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moe_dist.activation_memory import saved_for_backward  # noqa: E402
 from moe_dist.config import MoEConfig  # noqa: E402
 from moe_dist.cpu_matmul import matmul, onednn_status  # noqa: E402
 from moe_dist.host_memory import retain_freed_memory  # noqa: E402
@@ -131,18 +134,33 @@ def _cpu_worker(rank: int, world: int, port: int, args: argparse.Namespace, queu
             y.backward(gy)
 
         candidates = {"ours": ours_step}
+        modules: dict[str, torch.nn.Module] = {"ours": ours}
         ds_error = None
         if not args.no_deepspeed:
             try:
                 router_EH = None if args.independent_routers else ours.router.weight
-                candidates["deepspeed"] = _deepspeed_step(x, gy, H, Fh, E, K, world, router_EH)
+                candidates["deepspeed"], modules["deepspeed"] = _deepspeed_step(
+                    x, gy, H, Fh, E, K, world, router_EH
+                )
             except Exception as exc:  # noqa: BLE001 - DeepSpeed absent or broken: report, keep ours
                 ds_error = f"{type(exc).__name__}: {exc}"
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in candidates}
         for _ in range(args.repeats):
             for name, step in candidates.items():  # alternate, so machine noise hits both alike
                 samples[name].append(_time_steps(step, args.iters, args.warmup))
-        payload = {"samples": samples, "deepspeed_error": ds_error, "allocator": allocator_note}
+        saved = {  # one more forward each (collective: every rank, same order), nothing timed
+            name: saved_for_backward(lambda m=m: m(x), [*m.parameters(), x])[0] for name, m in modules.items()
+        }
+        ours.received_per_local_expert_e.zero_()
+        ours(x)
+        received = int(ours.received_per_local_expert_e.sum())  # rows this rank's experts get
+        payload = {
+            "samples": samples,
+            "deepspeed_error": ds_error,
+            "allocator": allocator_note,
+            "saved_bytes": saved,
+            "received_rows": received,
+        }
         queue.put((rank, "ok", payload))
     except BaseException:  # noqa: BLE001
         queue.put((rank, "error", traceback.format_exc()))
@@ -185,7 +203,7 @@ def _deepspeed_step(
         y, l_aux, _ = moe(x)
         y.backward(gy)
 
-    return step
+    return step, moe
 
 
 def gemm_ceiling_cpu(M: int, H: int, Fh: int, threads: int, reps: int = 20) -> dict[str, tuple[float, float]]:
@@ -250,6 +268,11 @@ def run_cpu(args: argparse.Namespace) -> dict:
                 "cpu_seconds_per_step": min(cpu),
                 "all_cpu_seconds": cpu,
                 "gflops_per_cpu_second": layer_flops(T, H, Fh, K) / min(cpu) / 1e9,
+                # kept for the backward, over what the expert GEMMs need for the rows this
+                # rank's experts really receive ([rows, H] + 2 x [rows, F], fp32); busiest rank
+                "saved_over_gemm_activations": max(
+                    r["saved_bytes"][name] / (r["received_rows"] * (H + 2 * Fh) * 4) for r in results
+                ),
             }
         )
     kernels = gemm_ceiling_cpu(T * K * ep // E, H, Fh, args.threads)
@@ -346,7 +369,10 @@ def _megatron_step(x: torch.Tensor, gy: torch.Tensor, H: int, Fh: int, E: int, K
         y, _ = moe(x_SBH)
         y.backward(gy_SBH)
 
-    return step, ("TE grouped GEMM" if use_te else "local SequentialMLP")
+    def saved() -> int:
+        return saved_for_backward(lambda: moe(x_SBH), [*moe.parameters(), x_SBH])[0]
+
+    return step, ("TE grouped GEMM" if use_te else "local SequentialMLP"), saved
 
 
 def run_cuda(args: argparse.Namespace) -> dict:
@@ -369,7 +395,7 @@ def run_cuda(args: argparse.Namespace) -> dict:
         gy = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         layer = our_layer(H, Fh, E, K, ParallelGroups.single()).to(device=dev, dtype=torch.bfloat16)
         note = "grouped_mm" if layer.experts.use_grouped_mm(x) else "per-expert loop"
-        impls: dict[str, Any] = {"ours": (_layer_step(layer, x, gy), note)}
+        impls: dict[str, Any] = {"ours": (*_layer_step(layer, x, gy), note)}
         try:
             impls["megatron-core"] = _megatron_step(x, gy, H, Fh, E, K)
         except Exception as exc:  # noqa: BLE001 - not importable or not buildable here: report it
@@ -379,10 +405,12 @@ def run_cuda(args: argparse.Namespace) -> dict:
         # The activations the expert GEMMs keep for the backward: the dispatched rows [T*K, H]
         # and the two pre-activations [T*K, F] that SwiGLU's derivative needs (bf16).
         gemm_activation_bytes = T * K * (H + 2 * Fh) * 2
-        for name, (step, note) in impls.items():
+        for name, impl in impls.items():
+            step, note, saved = (impl[0], impl[2], impl[1]) if name == "ours" else impl
             try:
                 secs = _cuda_time(step, args.iters, args.warmup)
                 peak = _cuda_peak_bytes(step)
+                saved_bytes = saved()
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report, go on to the next
                 rows.append({"shape": shape_name, "impl": name, "error": f"{type(exc).__name__}: {exc}"})
                 continue
@@ -398,6 +426,8 @@ def run_cuda(args: argparse.Namespace) -> dict:
                 "fraction_of_gemm": tflops / ceiling,
                 "peak_step_bytes": peak,
                 "peak_over_gemm_activations": peak / gemm_activation_bytes,
+                "saved_for_backward_bytes": saved_bytes,
+                "saved_over_gemm_activations": saved_bytes / gemm_activation_bytes,
             }
             if name == "ours":  # router + dispatch + combine: the layer minus its experts alone
                 experts_secs = _cuda_time(_experts_step(layer, x), args.iters, args.warmup)
@@ -419,25 +449,30 @@ def _cuda_peak_bytes(step: Any) -> int:
 
 
 def _experts_step(layer: MoELayer, x: torch.Tensor) -> Any:
-    """Forward + backward of the layer's experts alone, on the rows one dispatch gives them."""
+    """Forward + backward of the layer's experts alone, on the rows (and routing weights) one
+    dispatch gives them."""
     with torch.no_grad():
         routing = layer.router(x)
-        rows_YH, counts_e, _ = layer.dispatcher.dispatch(x, routing)
+        rows_YH, counts_e, ctx = layer.dispatcher.dispatch(x, routing)
     rows_YH = rows_YH.detach().requires_grad_()
+    w_Y = ctx.row_weights_Y.detach().requires_grad_()
     gy_YH = torch.randn_like(rows_YH)
 
     def step() -> None:
-        layer.experts(rows_YH, counts_e).backward(gy_YH)
+        layer.experts(rows_YH, counts_e, w_Y).backward(gy_YH)
 
     return step
 
 
-def _layer_step(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor) -> Any:
+def _layer_step(layer: MoELayer, x: torch.Tensor, gy: torch.Tensor) -> tuple[Any, Any]:
     def step() -> None:
         y, _ = layer(x)
         y.backward(gy)
 
-    return step
+    def saved() -> int:
+        return saved_for_backward(lambda: layer(x), [*layer.parameters(), x])[0]
+
+    return step, saved
 
 
 # ---------------------------------------------------------------- CLI
@@ -452,14 +487,14 @@ def print_table(out: dict) -> None:
         )
         print(
             f"{'impl':<12}{'EP':>4}{'s/step':>10}{'tokens/s':>12}{'GFLOP/s/proc':>14}{'CPU s/step':>12}"
-            f"{'GFLOP/CPU-s':>13}  wall samples (s/step)"
+            f"{'GFLOP/CPU-s':>13}{'kept/GEMM act':>15}  wall samples (s/step)"
         )
         for r in out["rows"]:
             samples = " ".join(f"{v:.3f}" for v in r["all_seconds"])
             print(
                 f"{r['impl']:<12}{r['ep']:>4}{r['seconds_per_step']:>10.3f}{r['tokens_per_s']:>12.0f}"
                 f"{r['gflops_per_process']:>14.1f}{r['cpu_seconds_per_step']:>12.3f}"
-                f"{r['gflops_per_cpu_second']:>13.1f}  {samples}"
+                f"{r['gflops_per_cpu_second']:>13.1f}{r['saved_over_gemm_activations']:>14.2f}x  {samples}"
             )
         by_kernel = ", ".join(f"{k} {v['gflops']:.1f}" for k, v in out["gemm_ceiling_by_kernel"].items())
         print(
@@ -492,7 +527,8 @@ def print_table(out: dict) -> None:
                     f"{r['tokens_per_s']:>12.0f} tok/s"
                     f"{r['tflops']:>8.1f} TFLOP/s ({r['fraction_of_gemm']:.0%} of GEMM)"
                     f"  peak {r['peak_step_bytes'] / 2**20:,.0f} MiB"
-                    f" ({r['peak_over_gemm_activations']:.2f}x GEMM activations)"
+                    f" ({r['peak_over_gemm_activations']:.2f}x GEMM activations,"
+                    f" {r['saved_over_gemm_activations']:.2f}x kept for the backward)"
                     + (f"  routing {overhead:.0%} of the step" if overhead is not None else "")
                     + f"  {r['note']}"
                 )

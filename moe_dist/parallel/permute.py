@@ -15,12 +15,12 @@ Worked layout, E = 4 experts on R = 2 EP ranks (e = 2: rank 0 hosts e0, e1; rank
 
        (e0,r0) (e1,r0) | (e0,r1) (e1,r1)        chunks in the order (source rank, local expert)
 
-3. The grouped GEMM needs **expert-major** order; ``dispatcher.transpose_chunks(rows,
-   counts_Re)`` produces it::
+3. The grouped GEMM needs **expert-major** order; the exchange's ``ChunkPlan`` lays the chunks
+   out that way as they arrive (``chunk_exchange.py``)::
 
        (e0,r0) (e0,r1) | (e1,r0) (e1,r1)
 
-4. On the way back, ``transpose_chunks(rows, counts_Re.T)`` is the exact inverse.
+4. On the way back the reversed plan is the exact inverse.
 """
 
 from __future__ import annotations
