@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moe_dist.balancing.base import BalancingLoss, LossConfig
 from moe_dist.cpu_matmul import CpuMatmul
+from moe_dist.fused_activation import FusedActivation
 from moe_dist.registry import LOSSES, ROUTERS, UnknownPluginError
 from moe_dist.routing.base import Router, RouterConfig
 
@@ -44,6 +45,11 @@ class ExpertsConfig(Section):
     init_std: float = Field(0.02, gt=0)
     cpu_matmul: CpuMatmul = Field(
         "onednn", description="fp32 expert GEMMs on CPU: oneDNN (torch.mm where unusable) or torch.mm"
+    )
+    fused_activation: FusedActivation = Field(
+        "auto",
+        description="the experts' elementwise work as compiled fused kernels: auto (on CUDA), "
+        "compiled (everywhere; ~19 s to compile per process on CPU) or eager",
     )
 
 

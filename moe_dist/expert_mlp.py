@@ -15,7 +15,8 @@ left to autograd it
   (a weighted combine would keep the [X, H] expert outputs to differentiate the weights);
 * writes each expert's weight gradient straight into one [e, ...] gradient (no per-expert
   zero-filled copies, no stack), and gives experts without rows an exact zero gradient;
-* runs the SwiGLU backward as four elementwise passes (``silu_backward`` is one fused kernel);
+* runs the elementwise work (activation, scale, their backward) either as a few in-place torch
+  ops or as two compiled fused kernels (``fused_activation.py``);
 * multiplies through oneDNN on CPU in fp32 (``cpu_matmul``), ``torch.mm`` otherwise.
 
 Forward, per expert i with rows x_nH and weights s_n:  h1 = x @ w1[i];  h3 = x @ w3[i];
@@ -30,35 +31,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moe_dist.cpu_matmul import CpuMatmul, matmul, uses_onednn
-
-
-def activation(h1_nF: torch.Tensor, h3_nF: torch.Tensor | None) -> torch.Tensor:
-    """``u = silu(h1) * h3`` (SwiGLU) or ``gelu(h1)``; a new tensor."""
-    return F.silu(h1_nF).mul_(h3_nF) if h3_nF is not None else F.gelu(h1_nF)
-
-
-def activation_backward(
-    du_nF: torch.Tensor, h1_nF: torch.Tensor, h3_nF: torch.Tensor | None, scale_n: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """From ``du = dy @ w2^T`` (the gradient of the unscaled activation): ``(a, dh1, dh3, ds)``,
-    with ``a = s * u`` recomputed for ``dw2 = a^T dy`` and ``ds`` the routing weights' gradient
-    (fp32 sums). Consumes ``du`` (its memory becomes ``dh1``)."""
-    s_nF = F.silu(h1_nF) if h3_nF is not None else F.gelu(h1_nF)
-    a_nF = s_nF * h3_nF if h3_nF is not None else s_nF  # GELU: s is not needed after this
-    ds_n = None
-    if scale_n is not None:
-        ds_n = torch.linalg.vecdot(du_nF, a_nF).float()
-        s_n1 = scale_n.to(a_nF.dtype).unsqueeze(1)
-        a_nF.mul_(s_n1)
-        du_nF.mul_(s_n1)  # now da
-    if h3_nF is None:
-        return a_nF, torch.ops.aten.gelu_backward(du_nF, h1_nF), None, ds_n
-    dh3_nF = s_nF.mul_(du_nF)
-    dh1_nF = torch.ops.aten.silu_backward.grad_input(du_nF.mul_(h3_nF), h1_nF, grad_input=du_nF)
-    return a_nF, dh1_nF, dh3_nF, ds_n
+from moe_dist.fused_activation import FusedActivation, activation_backward, scaled_activation, use_compiled
 
 
 def _weight_grad(out_AB: torch.Tensor, a_AN: torch.Tensor, b_NB: torch.Tensor, onednn: bool) -> None:
@@ -81,6 +56,7 @@ class _ExpertMLP(torch.autograd.Function):
         scale_X: torch.Tensor | None,
         counts: list[int],
         onednn: bool,
+        compiled: bool,
     ) -> torch.Tensor:
         x_XH = x_XH.contiguous()
         scales = torch.split(scale_X, counts) if scale_X is not None else [None] * len(counts)
@@ -90,14 +66,12 @@ class _ExpertMLP(torch.autograd.Function):
                 continue
             h1 = matmul(x_nH, w1_eHF[i], onednn)
             h3 = matmul(x_nH, w3_eHF[i], onednn) if w3_eHF is not None else None
-            a_nF = activation(h1, h3)
-            if s_n is not None:
-                a_nF.mul_(s_n.to(a_nF.dtype).unsqueeze(1))
+            a_nF = scaled_activation(h1, h3, s_n, compiled)
             ys.append(matmul(a_nF, w2_eFH[i], onednn))
             h1s.append(h1)
             if h3 is not None:
                 h3s.append(h3)
-        ctx.counts, ctx.onednn, ctx.swiglu = counts, onednn, w3_eHF is not None
+        ctx.counts, ctx.onednn, ctx.compiled, ctx.swiglu = counts, onednn, compiled, w3_eHF is not None
         ctx.num_h1 = len(h1s)
         ctx.save_for_backward(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, *h1s, *h3s)
         if not ys:
@@ -132,7 +106,7 @@ class _ExpertMLP(torch.autograd.Function):
             # for dw1 and dw3 (torch.mm reads it in place and writes into the gradient).
             xt_Hn = x_nH.t().contiguous() if onednn else x_nH.t()
             du = matmul(dy_nH, w2_eFH[i].t(), onednn)
-            a_nF, dh1, dh3, ds_n = activation_backward(du, h1, h3, s_n)
+            a_nF, dh1, dh3, ds_n = activation_backward(du, h1, h3, s_n, ctx.compiled)
             # dw2 = a^T dy through torch.mm: oneDNN would copy a^T ([F, n], the larger operand)
             # first, which costs more than its faster kernel saves (measured, ~3 %).
             torch.mm(a_nF.t(), dy_nH, out=dw2[i])
@@ -152,7 +126,7 @@ class _ExpertMLP(torch.autograd.Function):
             dx_XH = torch.cat(dxs) if dxs else torch.zeros_like(x_XH)
         if scale_X is not None and ctx.needs_input_grad[4]:
             ds_X = (torch.cat(dss) if dss else scale_X.new_zeros(0)).to(scale_X.dtype)
-        return dx_XH, dw1, dw3, dw2, ds_X, None, None
+        return dx_XH, dw1, dw3, dw2, ds_X, None, None, None
 
 
 def check_expert_inputs(
@@ -174,11 +148,22 @@ def expert_mlp(
     counts: list[int],
     cpu_matmul: CpuMatmul = "onednn",
     scale_X: torch.Tensor | None = None,
+    fused_activation: FusedActivation = "auto",
 ) -> torch.Tensor:
     """``y_XH``: rows ``counts[i]`` of ``x_XH`` (expert-major) through expert i's MLP, each row's
     activation times ``scale_X`` (its routing weight) when given; SwiGLU when ``w3_eHF`` is given,
-    else GELU. Differentiable in ``x``, all weights and ``scale_X``."""
+    else GELU. Differentiable in ``x``, all weights and ``scale_X``. ``fused_activation``: see
+    ``fused_activation.py``."""
     if len(counts) != w1_eHF.shape[0]:
         raise ValueError(f"expert_mlp: {len(counts)} counts for {w1_eHF.shape[0]} experts")
     check_expert_inputs("expert_mlp", x_XH, w1_eHF, scale_X, sum(counts))
-    return _ExpertMLP.apply(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, counts, uses_onednn(x_XH, cpu_matmul))
+    return _ExpertMLP.apply(
+        x_XH,
+        w1_eHF,
+        w3_eHF,
+        w2_eFH,
+        scale_X,
+        counts,
+        uses_onednn(x_XH, cpu_matmul),
+        use_compiled(x_XH, fused_activation),
+    )

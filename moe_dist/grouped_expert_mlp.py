@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moe_dist.expert_mlp import activation, activation_backward, check_expert_inputs, expert_mlp
+from moe_dist.expert_mlp import check_expert_inputs, expert_mlp
+from moe_dist.fused_activation import FusedActivation, activation_backward, scaled_activation, use_compiled
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
@@ -39,6 +40,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
         w2_eFH: torch.Tensor,
         scale_X: torch.Tensor | None,
         tokens_per_expert_e: torch.Tensor,
+        compiled: bool,
     ) -> torch.Tensor:
         x_XH = x_XH.contiguous()
         offs_e = torch.cumsum(tokens_per_expert_e, 0).to(
@@ -46,11 +48,10 @@ class _GroupedExpertMLP(torch.autograd.Function):
         )
         h1_XF = _grouped_mm(x_XH, w1_eHF, offs_e)
         h3_XF = _grouped_mm(x_XH, w3_eHF, offs_e) if w3_eHF is not None else None
-        a_XF = activation(h1_XF, h3_XF)
-        if scale_X is not None:
-            a_XF.mul_(scale_X.to(a_XF.dtype).unsqueeze(1))
+        a_XF = scaled_activation(h1_XF, h3_XF, scale_X, compiled)
         y_XH = _grouped_mm(a_XF, w2_eFH, offs_e)
         ctx.save_for_backward(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, offs_e, h1_XF, h3_XF)
+        ctx.compiled = compiled
         return y_XH
 
     @staticmethod
@@ -58,7 +59,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
         x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, offs_e, h1_XF, h3_XF = ctx.saved_tensors
         dy_XH = dy_XH.contiguous()
         du_XF = _grouped_mm(dy_XH, w2_eFH.transpose(-2, -1), offs_e)
-        a_XF, dh1_XF, dh3_XF, ds_X = activation_backward(du_XF, h1_XF, h3_XF, scale_X)
+        a_XF, dh1_XF, dh3_XF, ds_X = activation_backward(du_XF, h1_XF, h3_XF, scale_X, ctx.compiled)
         dw2_eFH = _grouped_mm(a_XF.t(), dy_XH, offs_e)
         del a_XF
         xt_HX = x_XH.t()
@@ -71,7 +72,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 dx_XH.add_(_grouped_mm(dh3_XF, w3_eHF.transpose(-2, -1), offs_e))
         if ds_X is not None and scale_X is not None:
             ds_X = ds_X.to(scale_X.dtype)
-        return dx_XH, dw1_eHF, dw3_eHF, dw2_eFH, ds_X, None
+        return dx_XH, dw1_eHF, dw3_eHF, dw2_eFH, ds_X, None, None
 
 
 def grouped_expert_mlp(
@@ -81,11 +82,13 @@ def grouped_expert_mlp(
     w2_eFH: torch.Tensor,
     tokens_per_expert_e: torch.Tensor,
     scale_X: torch.Tensor | None = None,
+    fused_activation: FusedActivation = "auto",
 ) -> torch.Tensor:
     """``expert_mlp`` with grouped GEMMs; ``tokens_per_expert_e`` may live on the device (it is
     not read on the host, so rows and counts are not checked against each other here)."""
     check_expert_inputs("grouped_expert_mlp", x_XH, w1_eHF, scale_X, None)
-    return _GroupedExpertMLP.apply(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, tokens_per_expert_e)
+    compiled = use_compiled(x_XH, fused_activation)
+    return _GroupedExpertMLP.apply(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, tokens_per_expert_e, compiled)
 
 
 _WORKS: dict[tuple[str, torch.dtype], bool] = {}
@@ -125,11 +128,11 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     ]
     dy = torch.randn(X, PROBE_H, generator=g)
     want = [t.clone().requires_grad_() for t in leaves]
-    y_want = expert_mlp(*want[:4], list(PROBE_COUNTS), "torch", scale_X=want[4])
+    y_want = expert_mlp(*want[:4], list(PROBE_COUNTS), "torch", scale_X=want[4], fused_activation="eager")
     y_want.backward(dy)
     got = [t.to(device=device, dtype=dtype).requires_grad_() for t in leaves]
     counts_e = torch.tensor(PROBE_COUNTS, device=device)
-    y_got = grouped_expert_mlp(*got[:4], counts_e, scale_X=got[4])
+    y_got = grouped_expert_mlp(*got[:4], counts_e, scale_X=got[4], fused_activation="eager")
     y_got.backward(dy.to(device=device, dtype=dtype))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     pairs = [(y_got, y_want)] + [(a.grad, b.grad) for a, b in zip(got, want)]

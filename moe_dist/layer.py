@@ -75,6 +75,7 @@ class MoELayer(nn.Module):
             num_experts=E,
             first_expert=self.groups.ep_rank * self.num_local_experts,
             cpu_matmul=ex.cpu_matmul,
+            fused_activation=ex.fused_activation,
         )
         self.shared_experts: SharedExperts | None = None
         if cfg.shared_experts.count > 0:

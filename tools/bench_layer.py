@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moe_dist.activation_memory import saved_for_backward  # noqa: E402
 from moe_dist.config import MoEConfig  # noqa: E402
 from moe_dist.cpu_matmul import matmul, onednn_status  # noqa: E402
+from moe_dist.fused_activation import compile_failures  # noqa: E402
 from moe_dist.host_memory import retain_freed_memory  # noqa: E402
 from moe_dist.layer import MoELayer  # noqa: E402
 from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
@@ -68,11 +69,13 @@ def layer_flops(T: int, H: int, Fh: int, K: int) -> float:
     return 3.0 * (4 * T * K * H * Fh + 2 * T * K * Fh * H)
 
 
-def our_layer(H: int, Fh: int, E: int, K: int, groups: ParallelGroups) -> MoELayer:
+def our_layer(
+    H: int, Fh: int, E: int, K: int, groups: ParallelGroups, fused_activation: str = "auto"
+) -> MoELayer:
     cfg = MoEConfig(
         num_experts=E,
         router={"name": "topk_softmax", "top_k": K},
-        experts={"ffn_hidden_size": Fh, "activation": "swiglu"},
+        experts={"ffn_hidden_size": Fh, "activation": "swiglu", "fused_activation": fused_activation},
     )
     return MoELayer(cfg, H, groups)
 
@@ -124,7 +127,7 @@ def _cpu_worker(rank: int, world: int, port: int, args: argparse.Namespace, queu
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
         T, H, Fh, E, K = args.tokens, args.hidden, args.ffn, args.experts, args.top_k
         torch.manual_seed(0)
-        ours = our_layer(H, Fh, E, K, ParallelGroups.build(world))
+        ours = our_layer(H, Fh, E, K, ParallelGroups.build(world), args.fused_activation)
         g = torch.Generator().manual_seed(1 + rank)
         x = torch.randn(T, H, generator=g).requires_grad_()
         gy = torch.randn(T, H, generator=g)
@@ -160,6 +163,7 @@ def _cpu_worker(rank: int, world: int, port: int, args: argparse.Namespace, queu
             "allocator": allocator_note,
             "saved_bytes": saved,
             "received_rows": received,
+            "compile_failures": compile_failures(),
         }
         queue.put((rank, "ok", payload))
     except BaseException:  # noqa: BLE001
@@ -294,6 +298,8 @@ def run_cpu(args: argparse.Namespace) -> dict:
         "deepspeed_error": results[0]["deepspeed_error"],
         "retain_freed_memory": results[0]["allocator"] or "on",
         "same_routing": not args.independent_routers,
+        "fused_activation": args.fused_activation,
+        "compile_failures": results[0]["compile_failures"],
     }
     speeds = {r["impl"]: r["tokens_per_s"] for r in rows}
     cpu = {r["impl"]: r["cpu_seconds_per_step"] for r in rows}
@@ -393,7 +399,8 @@ def run_cuda(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16).requires_grad_()
         gy = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
-        layer = our_layer(H, Fh, E, K, ParallelGroups.single()).to(device=dev, dtype=torch.bfloat16)
+        groups = ParallelGroups.single()
+        layer = our_layer(H, Fh, E, K, groups, args.fused_activation).to(device=dev, dtype=torch.bfloat16)
         note = "grouped_mm" if layer.experts.use_grouped_mm(x) else "per-expert loop"
         impls: dict[str, Any] = {"ours": (*_layer_step(layer, x, gy), note)}
         try:
@@ -435,7 +442,14 @@ def run_cuda(args: argparse.Namespace) -> dict:
             rows.append(row)
         del layer, impls, x, gy
         torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "gemm_ceiling_tflops": ceiling, "rows": rows}
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "gemm_ceiling_tflops": ceiling,
+        "rows": rows,
+        "fused_activation": args.fused_activation,
+        "compile_failures": compile_failures(),
+    }
 
 
 def _cuda_peak_bytes(step: Any) -> int:
@@ -533,6 +547,9 @@ def print_table(out: dict) -> None:
                     + f"  {r['note']}"
                 )
 
+    if out.get("compile_failures"):
+        print(f"fused activation fell back to eager: {out['compile_failures']}")
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -548,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds per implementation (cpu)")
     p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument(
+        "--fused-activation",
+        choices=["auto", "compiled", "eager"],
+        default="auto",
+        help="our experts' elementwise kernels (moe_dist/fused_activation.py; auto: compiled on CUDA)",
+    )
     p.add_argument(
         "--independent-routers",
         action="store_true",
