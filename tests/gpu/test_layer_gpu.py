@@ -1,5 +1,6 @@
-"""Our MoELayer on CUDA at EP = 1: bf16 grouped_mm path, no host synchronisation in forward and
-backward, and the same output and gradients as the CPU float32 layer (bf16 tolerance).
+"""Our MoELayer on CUDA at EP = 1: bf16 grouped_mm path with compiled elementwise kernels, no host
+synchronisation in forward and backward, the same output and gradients as the CPU float32 layer
+(bf16 tolerance), and bitwise the same gradients every time (no atomics in the row moves).
 
 Shape legend: T tokens, H hidden, E experts. Run on the device machine (tests/gpu/README.md).
 """
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from moe_dist.config import MoEConfig
+from moe_dist.fused_activation import compile_failures
 from moe_dist.layer import MoELayer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -36,6 +38,11 @@ def test_ep1_layer_on_cuda_never_syncs_and_matches_cpu() -> None:
 
     x_gpu = x.to("cuda", torch.bfloat16).requires_grad_()
     assert gpu.experts.use_grouped_mm(x_gpu), "grouped_mm is not usable here (needs bf16 on Hopper)"
+    y_warm, _ = gpu(x_gpu)  # compiles the fused kernels (compiling may synchronise)
+    y_warm.sum().backward()
+    assert not compile_failures(), compile_failures()
+    gpu.zero_grad(set_to_none=True)
+    x_gpu.grad = None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
     try:
@@ -49,3 +56,23 @@ def test_ep1_layer_on_cuda_never_syncs_and_matches_cpu() -> None:
         scale = p_cpu.grad.abs().max().item()
         err = (p_gpu.grad.float().cpu() - p_cpu.grad).abs().max().item()
         assert err <= 0.05 * scale + 1e-3, f"{name}: grad off by {err:.3g} (scale {scale:.3g})"
+
+
+def test_ep1_layer_gradients_are_bitwise_reproducible_on_cuda() -> None:
+    cfg = MoEConfig(
+        num_experts=E,
+        router={"name": "topk_softmax", "top_k": 4},
+        experts={"ffn_hidden_size": 256},
+    )
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, H).to("cuda", torch.bfloat16)
+    x = torch.randn(4 * T, H, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(3):
+        layer.zero_grad(set_to_none=True)
+        x_ = x.clone().requires_grad_()
+        y, _ = layer(x_)
+        y.float().square().sum().backward()
+        grads.append([x_.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    for later in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
