@@ -338,3 +338,23 @@ def test_routing_is_fp32_inside_bf16_autocast(name: str) -> None:
     assert torch.equal(got.experts_TK, ref.experts_TK) and torch.equal(got.weights_TK, ref.weights_TK)
     if name == "lpr":
         assert r(x.bfloat16()).expert_input_delta_TH.dtype == torch.bfloat16  # back in the input's dtype
+
+
+def test_fp32_gate_keeps_its_input_in_its_own_dtype() -> None:
+    """bf16 tokens: fp32 logits and the same gradients as autograd's ``linear(x.float(), w)``,
+    but what is kept for the backward is the bf16 input, not an fp32 copy of it."""
+    from moe_dist.activation_memory import saved_for_backward
+
+    router = TopKSoftmaxRouter(TopKSoftmaxConfig(top_k=2), 16, 4)
+    x = torch.randn(32, 16).to(torch.bfloat16).requires_grad_()
+    kept, logits = saved_for_backward(lambda: router.gate_logits(x), [x, router.weight])
+    assert logits.dtype == torch.float32 and kept == 0  # only x and the weight themselves
+    g = torch.randn(32, 4)
+    logits.backward(g)
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = router.weight.detach().clone().requires_grad_()
+    ref = F.linear(x_ref.float(), w_ref)
+    ref.backward(g)
+    assert torch.equal(logits, ref)
+    assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(router.weight.grad, w_ref.grad)
