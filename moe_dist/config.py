@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_dist.balancing.base import BalancingLoss, LossConfig
+from moe_dist.compiled import FusedKernels
 from moe_dist.cpu_matmul import CpuMatmul
-from moe_dist.fused_activation import FusedActivation
 from moe_dist.registry import LOSSES, ROUTERS, UnknownPluginError
 from moe_dist.routing.base import Router, RouterConfig
 
@@ -46,11 +46,6 @@ class ExpertsConfig(Section):
     cpu_matmul: CpuMatmul = Field(
         "onednn", description="fp32 expert GEMMs on CPU: oneDNN (torch.mm where unusable) or torch.mm"
     )
-    fused_activation: FusedActivation = Field(
-        "auto",
-        description="the experts' elementwise work as compiled fused kernels: auto (on CUDA), "
-        "compiled (everywhere; ~19 s to compile per process on CPU) or eager",
-    )
 
 
 class SharedExpertsConfig(Section):
@@ -69,6 +64,12 @@ class MoEConfig(Section):
     shared_experts: SharedExpertsConfig = Field(default_factory=SharedExpertsConfig)
     capacity_factor: float | None = Field(
         None, gt=0, description="None = dropless; else each expert takes ceil(cf * T * K / E) slots per rank"
+    )
+    fused_kernels: FusedKernels = Field(
+        "auto",
+        description="the layer's memory-bound work (experts' activation, combine's gather-and-sum) "
+        "as compiled kernels: auto (on CUDA), compiled (also on CPU: ~19 s to compile per process) "
+        "or eager",
     )
 
     @field_validator("router")

@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
+from moe_dist.compiled import FusedKernels, use_compiled
 from moe_dist.cpu_matmul import CpuMatmul, matmul, uses_onednn
-from moe_dist.fused_activation import FusedActivation, activation_backward, scaled_activation, use_compiled
+from moe_dist.fused_activation import activation_backward, scaled_activation
 
 
 def _weight_grad(out_AB: torch.Tensor, a_AN: torch.Tensor, b_NB: torch.Tensor, onednn: bool) -> None:
@@ -148,12 +149,12 @@ def expert_mlp(
     counts: list[int],
     cpu_matmul: CpuMatmul = "onednn",
     scale_X: torch.Tensor | None = None,
-    fused_activation: FusedActivation = "auto",
+    fused_kernels: FusedKernels = "auto",
 ) -> torch.Tensor:
     """``y_XH``: rows ``counts[i]`` of ``x_XH`` (expert-major) through expert i's MLP, each row's
     activation times ``scale_X`` (its routing weight) when given; SwiGLU when ``w3_eHF`` is given,
-    else GELU. Differentiable in ``x``, all weights and ``scale_X``. ``fused_activation``: see
-    ``fused_activation.py``."""
+    else GELU. Differentiable in ``x``, all weights and ``scale_X``. ``fused_kernels``: see
+    ``compiled.py``."""
     if len(counts) != w1_eHF.shape[0]:
         raise ValueError(f"expert_mlp: {len(counts)} counts for {w1_eHF.shape[0]} experts")
     check_expert_inputs("expert_mlp", x_XH, w1_eHF, scale_X, sum(counts))
@@ -165,5 +166,5 @@ def expert_mlp(
         scale_X,
         counts,
         uses_onednn(x_XH, cpu_matmul),
-        use_compiled(x_XH, fused_activation),
+        use_compiled(x_XH, fused_kernels),
     )

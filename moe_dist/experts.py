@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist.compiled import FusedKernels
 from moe_dist.cpu_matmul import CpuMatmul
 from moe_dist.expert_mlp import expert_mlp
-from moe_dist.fused_activation import FusedActivation
 from moe_dist.grouped_expert_mlp import grouped_expert_mlp, grouped_experts_work
 
 
@@ -58,7 +58,7 @@ class GroupedExperts(nn.Module):
         num_experts: int | None = None,
         first_expert: int = 0,
         cpu_matmul: CpuMatmul = "onednn",
-        fused_activation: FusedActivation = "auto",
+        fused_kernels: FusedKernels = "auto",
     ) -> None:
         super().__init__()
         if activation not in ("swiglu", "gelu"):
@@ -74,7 +74,7 @@ class GroupedExperts(nn.Module):
         self.hidden, self.ffn_hidden, self.activation = hidden, ffn_hidden, activation
         self.force_grouped_mm: bool | None = None  # None: choose by device (see use_grouped_mm)
         self.cpu_matmul: CpuMatmul = cpu_matmul
-        self.fused_activation: FusedActivation = fused_activation
+        self.fused_kernels: FusedKernels = fused_kernels
         self.init_std = init_std
         self.out_std = out_std if out_std is not None else init_std / math.sqrt(2.0)
         e, H, Fh = num_local_experts, hidden, ffn_hidden
@@ -107,9 +107,9 @@ class GroupedExperts(nn.Module):
         w1, w2 = self.w1_eHF.to(dt), self.w2_eFH.to(dt)
         w3 = self.w3_eHF.to(dt) if self.w3_eHF is not None else None
         if self.use_grouped_mm(x_XH):
-            return grouped_expert_mlp(x_XH, w1, w3, w2, tokens_per_expert_e, scale_X, self.fused_activation)
+            return grouped_expert_mlp(x_XH, w1, w3, w2, tokens_per_expert_e, scale_X, self.fused_kernels)
         counts = tokens_per_expert_e.tolist()
-        return expert_mlp(x_XH, w1, w3, w2, counts, self.cpu_matmul, scale_X, self.fused_activation)
+        return expert_mlp(x_XH, w1, w3, w2, counts, self.cpu_matmul, scale_X, self.fused_kernels)
 
     def use_grouped_mm(self, x_XH: torch.Tensor) -> bool:
         """grouped_mm on CUDA where it works (bf16, aligned). On CPU, grouped_mm is itself a loop

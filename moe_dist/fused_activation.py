@@ -7,32 +7,19 @@ Forward: ``a = s * u`` with ``u = silu(h1) * h3`` (SwiGLU) or ``u = gelu(h1)``. 
 SwiGLU ``dh3 = da * silu(h1)``, ``dh1 = da * h3 * silu'(h1)``; GELU ``dh1 = da * gelu'(h1)``; and
 ``a`` again (recomputed, for ``dw2 = a^T dy``).
 
-Two implementations with the same results:
-
-* eager: a handful of torch ops, several in place (each a pass over [n, F]);
-* compiled: the same maths as two ``torch.compile`` kernels (fused: each input read once, each
-  output written once, fp32 arithmetic inside). On a GPU the elementwise passes are memory bound
-  and cost a large share of a fine-grained expert layer; on CPU the fused backward measured
-  5.4 -> 2.1 ms for [2112, 1024] fp32, single thread, but compiling costs ~19 s per process.
-
-``mode``: ``auto`` compiles on CUDA only, ``compiled`` everywhere, ``eager`` never. Compiling
-happens at the first call; if it fails, a warning names why and the eager kernels take over for
-the rest of the process. Rows below 2 take the eager path (torch.compile specialises sizes 0 and
-1, which would compile again).
+Two implementations with the same results: eager, a handful of torch ops, several in place
+(each a pass over [n, F]); and compiled (``moe_dist/compiled.py``), the same maths as two fused
+kernels, each input read once, fp32 arithmetic inside (measured on CPU alone: the backward of a
+[2112, 1024] fp32 block 5.4 -> 2.1 ms). The caller chooses (``compiled``); rows below 2 take the
+eager path (torch.compile specialises sizes 0 and 1, which would compile again).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from typing import Any, Literal
-
 import torch
 import torch.nn.functional as F
 
-FusedActivation = Literal["auto", "compiled", "eager"]
-log = logging.getLogger(__name__)
-
+from moe_dist.compiled import run_compiled
 
 # ------------------------------------------------------------------------------------- eager
 
@@ -102,49 +89,15 @@ def _gelu_backward(
     return (u * s).to(dt), dh1.to(dt), (du * u).sum(-1)
 
 
-_KERNELS = {
-    "swiglu_forward": _swiglu_forward,
-    "gelu_forward": _gelu_forward,
-    "swiglu_backward": _swiglu_backward,
-    "gelu_backward": _gelu_backward,
-}
-_compiled: dict[str, Callable[..., Any]] = {}
-_failed: dict[str, str] = {}  # kernel -> why compiling it failed (eager from then on)
-
-
-def compile_failures() -> dict[str, str]:
-    """Kernels that fell back to eager in this process, with the reason."""
-    return dict(_failed)
-
-
-def _run_compiled(name: str, *args: torch.Tensor) -> Any:
-    """The compiled kernel's result, or None where it cannot be had (then eager runs)."""
-    if name in _failed:
-        return None
-    fn = _compiled.get(name)
-    if fn is None:
-        fn = _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
-    try:
-        return fn(*args)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: warn once, run eager
-        _failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        log.warning("fused_activation: compiling %s failed (%s); using eager kernels", name, _failed[name])
-        return None
-
-
-def use_compiled(x: torch.Tensor, mode: FusedActivation) -> bool:
-    return mode == "compiled" or (mode == "auto" and x.device.type == "cuda")
-
-
 def scaled_activation(
     h1_nF: torch.Tensor, h3_nF: torch.Tensor | None, s_n: torch.Tensor | None, compiled: bool
 ) -> torch.Tensor:
     """``a = s * u`` (``u`` alone without ``s``)."""
     if compiled and s_n is not None and h1_nF.shape[0] >= 2:
         out = (
-            _run_compiled("swiglu_forward", h1_nF, h3_nF, s_n)
+            run_compiled("swiglu_forward", _swiglu_forward, h1_nF, h3_nF, s_n)
             if h3_nF is not None
-            else _run_compiled("gelu_forward", h1_nF, s_n)
+            else run_compiled("gelu_forward", _gelu_forward, h1_nF, s_n)
         )
         if out is not None:
             return out
@@ -162,11 +115,11 @@ def activation_backward(
     May consume ``du``."""
     if compiled and s_n is not None and du_nF.shape[0] >= 2:
         if h3_nF is not None:
-            out = _run_compiled("swiglu_backward", du_nF, h1_nF, h3_nF, s_n)
+            out = run_compiled("swiglu_backward", _swiglu_backward, du_nF, h1_nF, h3_nF, s_n)
             if out is not None:
                 return out
         else:
-            out = _run_compiled("gelu_backward", du_nF, h1_nF, s_n)
+            out = run_compiled("gelu_backward", _gelu_backward, du_nF, h1_nF, s_n)
             if out is not None:
                 a_nF, dh1_nF, ds_n = out
                 return a_nF, dh1_nF, None, ds_n

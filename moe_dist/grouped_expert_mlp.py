@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moe_dist.compiled import FusedKernels, use_compiled
 from moe_dist.expert_mlp import check_expert_inputs, expert_mlp
-from moe_dist.fused_activation import FusedActivation, activation_backward, scaled_activation, use_compiled
+from moe_dist.fused_activation import activation_backward, scaled_activation
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
@@ -82,12 +83,12 @@ def grouped_expert_mlp(
     w2_eFH: torch.Tensor,
     tokens_per_expert_e: torch.Tensor,
     scale_X: torch.Tensor | None = None,
-    fused_activation: FusedActivation = "auto",
+    fused_kernels: FusedKernels = "auto",
 ) -> torch.Tensor:
     """``expert_mlp`` with grouped GEMMs; ``tokens_per_expert_e`` may live on the device (it is
     not read on the host, so rows and counts are not checked against each other here)."""
     check_expert_inputs("grouped_expert_mlp", x_XH, w1_eHF, scale_X, None)
-    compiled = use_compiled(x_XH, fused_activation)
+    compiled = use_compiled(x_XH, fused_kernels)
     return _GroupedExpertMLP.apply(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, tokens_per_expert_e, compiled)
 
 
@@ -128,11 +129,11 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     ]
     dy = torch.randn(X, PROBE_H, generator=g)
     want = [t.clone().requires_grad_() for t in leaves]
-    y_want = expert_mlp(*want[:4], list(PROBE_COUNTS), "torch", scale_X=want[4], fused_activation="eager")
+    y_want = expert_mlp(*want[:4], list(PROBE_COUNTS), "torch", scale_X=want[4], fused_kernels="eager")
     y_want.backward(dy)
     got = [t.to(device=device, dtype=dtype).requires_grad_() for t in leaves]
     counts_e = torch.tensor(PROBE_COUNTS, device=device)
-    y_got = grouped_expert_mlp(*got[:4], counts_e, scale_X=got[4], fused_activation="eager")
+    y_got = grouped_expert_mlp(*got[:4], counts_e, scale_X=got[4], fused_kernels="eager")
     y_got.backward(dy.to(device=device, dtype=dtype))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     pairs = [(y_got, y_want)] + [(a.grad, b.grad) for a, b in zip(got, want)]

@@ -75,7 +75,7 @@ class MoELayer(nn.Module):
             num_experts=E,
             first_expert=self.groups.ep_rank * self.num_local_experts,
             cpu_matmul=ex.cpu_matmul,
-            fused_activation=ex.fused_activation,
+            fused_kernels=cfg.fused_kernels,
         )
         self.shared_experts: SharedExperts | None = None
         if cfg.shared_experts.count > 0:
@@ -85,7 +85,9 @@ class MoELayer(nn.Module):
                 cfg.shared_experts.ffn_hidden_size,
                 init_std=ex.init_std,
             )
-        self.dispatcher = AllToAllDispatcher(E, self.groups.ep_group, cfg.capacity_factor, self.groups.ep_shm)
+        self.dispatcher = AllToAllDispatcher(
+            E, self.groups.ep_group, cfg.capacity_factor, self.groups.ep_shm, cfg.fused_kernels
+        )
         register_stats(self, E, self.num_local_experts)
         self.last_aux: dict[str, torch.Tensor]  # set by register_stats; typed here
 

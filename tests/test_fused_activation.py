@@ -1,6 +1,7 @@
 """The experts' elementwise work compiled into fused kernels gives the eager results, in fp32 and
 bf16, SwiGLU and GELU, for any row count without compiling again; a compiler failure falls back
-to eager with a warning. Compiling on CPU takes tens of seconds, hence ``slow``."""
+to eager with a warning (``moe_dist.compiled``). Compiling on CPU takes tens of seconds, hence
+``slow``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import pytest
 import torch
 
+from moe_dist import compiled
 from moe_dist import fused_activation as fa
 from moe_dist.config import MoEConfig
 from moe_dist.layer import MoELayer
@@ -41,7 +43,7 @@ def test_compiled_equals_eager(swiglu: bool, dtype: torch.dtype) -> None:
         want = fa.activation_backward(du.clone(), h1, h3_, s, compiled=False)
         got_a = fa.scaled_activation(h1, h3_, s, compiled=True)
         got = fa.activation_backward(du.clone(), h1, h3_, s, compiled=True)
-        assert not fa.compile_failures(), fa.compile_failures()
+        assert not compiled.compile_failures(), compiled.compile_failures()
         torch.testing.assert_close(got_a.float(), want_a.float(), **tol)
         for g, w in zip(got, want):
             assert (g is None) == (w is None)
@@ -63,36 +65,38 @@ def test_compiler_failure_falls_back_to_eager(
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(fa, "_compiled", {})
-    monkeypatch.setattr(fa, "_failed", {})
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", {})
     du, h1, h3, s = _inputs(9, torch.float32)
-    with caplog.at_level(logging.WARNING, logger="moe_dist.fused_activation"):
+    with caplog.at_level(logging.WARNING, logger="moe_dist.compiled"):
         got = fa.activation_backward(du.clone(), h1, h3, s, compiled=True)
         fa.activation_backward(du.clone(), h1, h3, s, compiled=True)  # no second attempt or warning
     want = fa.activation_backward(du.clone(), h1, h3, s, compiled=False)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
-    assert fa.compile_failures() == {"swiglu_backward": "RuntimeError: inductor: no C++ compiler found"}
+    assert compiled.compile_failures() == {"swiglu_backward": "RuntimeError: inductor: no C++ compiler found"}
     assert len([r for r in caplog.records if "swiglu_backward" in r.message]) == 1
 
 
 def test_auto_compiles_on_cuda_only() -> None:
     x = torch.zeros(1)
-    assert not fa.use_compiled(x, "auto")
-    assert fa.use_compiled(x, "compiled") and not fa.use_compiled(x, "eager")
+    assert not compiled.use_compiled(x, "auto")
+    assert compiled.use_compiled(x, "compiled") and not compiled.use_compiled(x, "eager")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("grouped_mm", [False, True], ids=["per_expert_loop", "grouped_mm"])
 def test_layer_with_compiled_activation_equals_eager(grouped_mm: bool) -> None:
-    """``model.moe.experts.fused_activation: compiled`` through the layer, both expert paths."""
+    """``model.moe.fused_kernels: compiled`` through the layer (the experts' activation and the
+    combine's gather-and-sum), both expert paths."""
     results = []
     for mode in ("eager", "compiled"):
         torch.manual_seed(0)
         cfg = MoEConfig(
             num_experts=4,
             router={"name": "topk_softmax", "top_k": 2},
-            experts={"ffn_hidden_size": FF, "fused_activation": mode, "init_std": 0.5},
+            experts={"ffn_hidden_size": FF, "init_std": 0.5},
+            fused_kernels=mode,
         )
         layer = MoELayer(cfg, 16, ParallelGroups.single())
         layer.experts.force_grouped_mm = grouped_mm
@@ -100,7 +104,7 @@ def test_layer_with_compiled_activation_equals_eager(grouped_mm: bool) -> None:
         y, _ = layer(x)
         y.square().sum().backward()
         results.append((y.detach(), x.grad, [p.grad for p in layer.parameters()]))
-    assert not fa.compile_failures(), fa.compile_failures()
+    assert not compiled.compile_failures(), compiled.compile_failures()
     (y0, gx0, gp0), (y1, gx1, gp1) = results
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)

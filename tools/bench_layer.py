@@ -50,9 +50,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe_dist.activation_memory import saved_for_backward  # noqa: E402
+from moe_dist.compiled import compile_failures  # noqa: E402
 from moe_dist.config import MoEConfig  # noqa: E402
 from moe_dist.cpu_matmul import matmul, onednn_status  # noqa: E402
-from moe_dist.fused_activation import compile_failures  # noqa: E402
 from moe_dist.host_memory import retain_freed_memory  # noqa: E402
 from moe_dist.layer import MoELayer  # noqa: E402
 from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
@@ -70,12 +70,13 @@ def layer_flops(T: int, H: int, Fh: int, K: int) -> float:
 
 
 def our_layer(
-    H: int, Fh: int, E: int, K: int, groups: ParallelGroups, fused_activation: str = "auto"
+    H: int, Fh: int, E: int, K: int, groups: ParallelGroups, fused_kernels: str = "auto"
 ) -> MoELayer:
     cfg = MoEConfig(
         num_experts=E,
         router={"name": "topk_softmax", "top_k": K},
-        experts={"ffn_hidden_size": Fh, "activation": "swiglu", "fused_activation": fused_activation},
+        experts={"ffn_hidden_size": Fh, "activation": "swiglu"},
+        fused_kernels=fused_kernels,
     )
     return MoELayer(cfg, H, groups)
 
@@ -127,7 +128,7 @@ def _cpu_worker(rank: int, world: int, port: int, args: argparse.Namespace, queu
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
         T, H, Fh, E, K = args.tokens, args.hidden, args.ffn, args.experts, args.top_k
         torch.manual_seed(0)
-        ours = our_layer(H, Fh, E, K, ParallelGroups.build(world), args.fused_activation)
+        ours = our_layer(H, Fh, E, K, ParallelGroups.build(world), args.fused_kernels)
         g = torch.Generator().manual_seed(1 + rank)
         x = torch.randn(T, H, generator=g).requires_grad_()
         gy = torch.randn(T, H, generator=g)
@@ -298,7 +299,7 @@ def run_cpu(args: argparse.Namespace) -> dict:
         "deepspeed_error": results[0]["deepspeed_error"],
         "retain_freed_memory": results[0]["allocator"] or "on",
         "same_routing": not args.independent_routers,
-        "fused_activation": args.fused_activation,
+        "fused_kernels": args.fused_kernels,
         "compile_failures": results[0]["compile_failures"],
     }
     speeds = {r["impl"]: r["tokens_per_s"] for r in rows}
@@ -400,7 +401,7 @@ def run_cuda(args: argparse.Namespace) -> dict:
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16).requires_grad_()
         gy = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         groups = ParallelGroups.single()
-        layer = our_layer(H, Fh, E, K, groups, args.fused_activation).to(device=dev, dtype=torch.bfloat16)
+        layer = our_layer(H, Fh, E, K, groups, args.fused_kernels).to(device=dev, dtype=torch.bfloat16)
         note = "grouped_mm" if layer.experts.use_grouped_mm(x) else "per-expert loop"
         impls: dict[str, Any] = {"ours": (*_layer_step(layer, x, gy), note)}
         try:
@@ -447,7 +448,7 @@ def run_cuda(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "gemm_ceiling_tflops": ceiling,
         "rows": rows,
-        "fused_activation": args.fused_activation,
+        "fused_kernels": args.fused_kernels,
         "compile_failures": compile_failures(),
     }
 
@@ -566,10 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds per implementation (cpu)")
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument(
-        "--fused-activation",
+        "--fused-kernels",
         choices=["auto", "compiled", "eager"],
         default="auto",
-        help="our experts' elementwise kernels (moe_dist/fused_activation.py; auto: compiled on CUDA)",
+        help="our layer's memory-bound kernels (moe_dist/compiled.py; auto: compiled on CUDA)",
     )
     p.add_argument(
         "--independent-routers",

@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from moe_dist.compiled import FusedKernels
 from moe_dist.parallel.all_to_all import exchange_counts, group_size
 from moe_dist.parallel.chunk_exchange import ChunkPlan, exchange_chunks
 from moe_dist.parallel.permute import capacity_per_expert, sort_slots
@@ -73,6 +74,7 @@ class AllToAllDispatcher:
         ep_group: dist.ProcessGroup | None = None,
         capacity_factor: float | None = None,
         shm: ShmTransport | None = None,
+        fused_kernels: FusedKernels = "auto",
     ) -> None:
         self.num_experts = num_experts
         self.ep_group, self.shm = ep_group, shm
@@ -81,6 +83,7 @@ class AllToAllDispatcher:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the EP size ({self.ep_size})")
         self.num_local_experts = num_experts // self.ep_size
         self.capacity_factor = capacity_factor
+        self.fused_kernels: FusedKernels = fused_kernels
 
     def dispatch(
         self, x_TH: torch.Tensor, routing: Routing
@@ -97,7 +100,7 @@ class AllToAllDispatcher:
         if R == 1 and capacity is None and routing.every_slot_used:
             # Every slot's row stays here: nothing to exchange, so nothing needs the counts on
             # the host (no device synchronisation; the grouped GEMM reads them on the device).
-            x_SH = gather_token_rows(x_TH, order_S, K)
+            x_SH = gather_token_rows(x_TH, order_S, K, self.fused_kernels)
             w_S = routing.weights_TK.reshape(-1).index_select(0, order_S)
             ctx = DispatchContext(T, K, order_S, w_S, plan=None, dropped=0)
             return x_SH, kept_counts_E, ctx
@@ -111,7 +114,7 @@ class AllToAllDispatcher:
         sent = sum(send_E)
         slots_X = order_S[:sent]
         # 3. rows of the kept slots, one chunk per global expert (so grouped by destination rank).
-        x_XH = gather_token_rows(x_TH, slots_X, K)
+        x_XH = gather_token_rows(x_TH, slots_X, K, self.fused_kernels)
         plan = ChunkPlan(
             send=tuple((g // e, send_E[g]) for g in range(E)),
             # expert-major: local expert i's chunk from every source rank, source order
@@ -142,4 +145,4 @@ class AllToAllDispatcher:
             buf_SH = exchange_chunks(expert_out_YH, back, self.ep_group, self.shm)
             return buf_SH.view(T, K, H).sum(1)
         # every slot stayed here: place and sum without an exchange
-        return sum_slot_rows(expert_out_YH, ctx.slots_X, T, K)
+        return sum_slot_rows(expert_out_YH, ctx.slots_X, T, K, self.fused_kernels)

@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
+from moe_dist.compiled import compile_failures
 from moe_dist.config import MoEConfig
-from moe_dist.fused_activation import compile_failures
 from moe_dist.layer import MoELayer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
