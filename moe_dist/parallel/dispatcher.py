@@ -32,9 +32,11 @@ activation, so the combine is a plain sum and keeps nothing for its backward):
    the weights' gradients come from the experts' backward; a dropped or unused slot holds zeros
    (it adds nothing, and its weight was never sent, so its gradient is zero).
 
-Every row move is a permutation (or a placement), so its backward is the inverse move, a row
-gather folded into the reversed exchange's copies: no scatter-add anywhere. On one EP rank
-without drops the placement and sum is ``token_rows.sum_slot_rows``.
+Every exchange is a permutation (or a placement), so its backward is the inverse move, a row
+gather folded into the reversed exchange's copies. The token gather of step 3 and the sum over
+K are each other's adjoints (``token_rows.py``): on GPUs neither backward adds atomically (on
+CPU the gather's backward is a sequential ``index_add_``). On one EP rank without drops the
+placement and sum is ``token_rows.sum_slot_rows``.
 """
 
 from __future__ import annotations
