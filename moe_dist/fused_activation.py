@@ -24,15 +24,11 @@ from moe_dist.compiled import run_compiled
 # ------------------------------------------------------------------------------------- eager
 
 
-def activation(h1_nF: torch.Tensor, h3_nF: torch.Tensor | None) -> torch.Tensor:
-    """``u = silu(h1) * h3`` (SwiGLU) or ``gelu(h1)``; a new tensor."""
-    return F.silu(h1_nF).mul_(h3_nF) if h3_nF is not None else F.gelu(h1_nF)
-
-
 def scaled_activation_eager(
     h1_nF: torch.Tensor, h3_nF: torch.Tensor | None, s_n: torch.Tensor | None
 ) -> torch.Tensor:
-    a_nF = activation(h1_nF, h3_nF)
+    """``s * (silu(h1) * h3)`` (SwiGLU) or ``s * gelu(h1)``; a new tensor."""
+    a_nF = F.silu(h1_nF).mul_(h3_nF) if h3_nF is not None else F.gelu(h1_nF)
     return a_nF.mul_(s_n.to(a_nF.dtype).unsqueeze(1)) if s_n is not None else a_nF
 
 

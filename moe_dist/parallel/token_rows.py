@@ -42,20 +42,23 @@ def _gather_sum(y_XH: torch.Tensor, position_TK: torch.Tensor) -> torch.Tensor:
     return torch.where((position_TK >= 0).unsqueeze(-1), rows_TKH, 0).sum(1)
 
 
+def _slot_positions(slots_X: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """``position_TK``: the row holding each slot, -1 where a slot has none. A fresh [T, K]
+    tensor, not a view of a [T * K] one: a view's base size could equal X and make the compiler
+    specialise on that."""
+    position_TK = torch.full((T, K), -1, dtype=slots_X.dtype, device=slots_X.device)
+    position_TK.view(-1).scatter_(0, slots_X, torch.arange(slots_X.numel(), device=slots_X.device))
+    return position_TK
+
+
 def _place_and_sum(y_XH: torch.Tensor, slots_X: torch.Tensor, T: int, K: int, compiled: bool) -> torch.Tensor:
     H, X = y_XH.shape[-1], slots_X.numel()
-    if compiled and X > 0 and T >= 2:
-        # where each slot's row is (-1: none), then one gather-and-sum kernel
-        # (a fresh [T, K] tensor, not a view of a [T * K] one: a view's base size could equal X
-        # and make the compiler specialise on that)
-        position_TK = torch.full((T, K), -1, dtype=slots_X.dtype, device=slots_X.device)
-        position_TK.view(-1).scatter_(0, slots_X, torch.arange(X, device=slots_X.device))
-        out = run_compiled("gather_sum", _gather_sum, y_XH, position_TK)
+    if compiled and X > 0 and T >= 2:  # one gather-and-sum kernel
+        out = run_compiled("gather_sum", _gather_sum, y_XH, _slot_positions(slots_X, T, K))
         if out is not None:
             return out
     if X == T * K:  # every slot has a row: a permutation, gathered by its inverse
-        position_S = torch.empty_like(slots_X).scatter_(0, slots_X, torch.arange(X, device=slots_X.device))
-        buf_SH = y_XH.index_select(0, position_S)
+        buf_SH = y_XH.index_select(0, _slot_positions(slots_X, T, K).view(-1))
     else:  # unique slots, so the copy is deterministic; missing slots stay zero
         buf_SH = y_XH.new_zeros(T * K, H).index_copy_(0, slots_X, y_XH)
     return buf_SH.view(T, K, H).sum(1)
