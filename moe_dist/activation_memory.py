@@ -4,7 +4,7 @@ Counted through ``torch.autograd.graph.saved_tensors_hooks``: every tensor autog
 function's ``save_for_backward``) keeps, once per storage, leaving out the given tensors (a
 module's parameters and its input, which exist without it). Device independent, so the
 property ``tools/bench_layer.py`` reports on a GPU is tested on CPU
-(``tests/test_activation_memory.py``).
+(``tests/ops/test_activation_memory.py``).
 """
 
 from __future__ import annotations

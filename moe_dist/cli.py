@@ -16,12 +16,12 @@ import sys
 
 # (module, function that adds the subparser), in the order ``--help`` lists them.
 SUBCOMMANDS: list[tuple[str, str]] = [
-    ("moe_dist.train", "add_train_parser"),
-    ("moe_dist.check", "add_check_parser"),
-    ("moe_dist.demo", "add_demo_parser"),
-    ("moe_dist.data", "add_prepare_data_parser"),
-    ("moe_dist.compare.command", "add_compare_parser"),
-    ("moe_dist.launcher.command", "add_launch_parser"),
+    ("moe_dist.commands.train", "add_train_parser"),
+    ("moe_dist.commands.check", "add_check_parser"),
+    ("moe_dist.commands.demo", "add_demo_parser"),
+    ("moe_dist.commands.prepare_data", "add_prepare_data_parser"),
+    ("moe_dist.commands.compare", "add_compare_parser"),
+    ("moe_dist.commands.launch", "add_launch_parser"),
 ]
 
 EXIT_BAD_INPUT = 2
@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from moe_dist.checkpoint import CheckpointError
     from moe_dist.config import ConfigError
-    from moe_dist.data import DataError
-    from moe_dist.parallel.init import LaunchEnvError
+    from moe_dist.data.corpus import DataError
+    from moe_dist.parallel.startup import LaunchEnvError
+    from moe_dist.training.checkpoint import CheckpointError
 
     return ConfigError, DataError, CheckpointError, LaunchEnvError
 

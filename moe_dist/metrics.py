@@ -6,7 +6,7 @@ size, F ffn hidden size, e local experts.
 Every load metric takes ``counts_E``, the token-slot assignments per expert of ONE layer (any
 non-negative numbers: counts, fractions or an EMA of counts; most metrics are scale-free). They
 do no communication: for a group-wide figure pass counts already summed over the data x expert
-parallel group (``moe_dist.step_hook.finish_step`` returns them); for one rank's view pass that
+parallel group (``moe_dist.training.step_hook.finish_step`` returns them); for one rank's view pass that
 rank's counts. An all-zero load (no tokens yet) gives the value of a perfectly balanced load for
 the dispersion metrics (Gini 0, CV 0, MaxVio 0, min/max 1, entropy 1) and counts every expert
 as dead, so empty steps never produce NaN.

@@ -10,8 +10,8 @@ Shape legend: T tokens per rank, H hidden, F expert ffn hidden, E experts, K top
    both carry the same load per rank; ``--independent-routers`` keeps DeepSpeed's own init),
 alternating, ``--repeats`` times each; the best tokens/s of each is reported, with all samples.
 Then, alone, a single-thread fp32 GEMM of one expert's shape ([T*K/e, H] @ [H, F]) as the
-per-process ceiling in GFLOP/s: the better of ``torch.mm`` and oneDNN (``moe_dist.cpu_matmul``),
-both reported. Both processes switch glibc to keeping freed memory (``moe_dist.host_memory``,
+per-process ceiling in GFLOP/s: the better of ``torch.mm`` and oneDNN (``moe_dist.ops.cpu_matmul``),
+both reported. Both processes switch glibc to keeping freed memory (``moe_dist.training.host_memory``,
 off with ``--no-retain-memory``), so neither implementation pays page faults the other doesn't.
 
 ``--device cuda``: one GPU (EP = 1), bf16, the shapes Mixtral-like (H 4096, F 14336, E 8, K 2),
@@ -50,12 +50,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe_dist.activation_memory import saved_for_backward  # noqa: E402
-from moe_dist.compiled import compile_failures  # noqa: E402
 from moe_dist.config import MoEConfig  # noqa: E402
-from moe_dist.cpu_matmul import matmul, onednn_status  # noqa: E402
-from moe_dist.host_memory import retain_freed_memory  # noqa: E402
-from moe_dist.layer import MoELayer  # noqa: E402
+from moe_dist.layers.moe_layer import MoELayer  # noqa: E402
+from moe_dist.ops.compiled import compile_failures  # noqa: E402
+from moe_dist.ops.cpu_matmul import matmul, onednn_status  # noqa: E402
 from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
+from moe_dist.training.host_memory import retain_freed_memory  # noqa: E402
 
 CUDA_SHAPES = {
     "mixtral-like": {"hidden": 4096, "ffn": 14336, "experts": 8, "top_k": 2},
@@ -214,7 +214,7 @@ def _deepspeed_step(
 def gemm_ceiling_cpu(M: int, H: int, Fh: int, threads: int, reps: int = 20) -> dict[str, tuple[float, float]]:
     """GFLOP/s of a single-process fp32 [M, H] @ [H, F] with ``threads`` threads, best of reps,
     as (per wall second, per CPU second), for each kernel torch offers here: ``torch.mm`` (MKL's
-    sgemm in the x86 wheels) and oneDNN (``moe_dist.cpu_matmul``, when usable)."""
+    sgemm in the x86 wheels) and oneDNN (``moe_dist.ops.cpu_matmul``, when usable)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(M, H), torch.randn(H, Fh)
     kernels = {"torch.mm": lambda: matmul(a, b, False)}
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fused-kernels",
         choices=["auto", "compiled", "eager"],
         default="auto",
-        help="our layer's memory-bound kernels (moe_dist/compiled.py; auto: compiled on CUDA)",
+        help="our layer's memory-bound kernels (moe_dist/ops/compiled.py; auto: compiled on CUDA)",
     )
     p.add_argument(
         "--independent-routers",

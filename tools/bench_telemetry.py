@@ -13,7 +13,7 @@ alternate off / on so drift and other load on the machine hit both alike. Report
   (``moe_telemetry_publish_seconds_total``), per step, as a share of the step's CPU time;
 - the cost of one scrape of the endpoint (rendering runs in the server thread, not the step).
 
-The target is < 1 % of step time. Off means ``telemetry.enabled: false``: ``Telemetry.start``
+The target is < 1 % of step time. Off means ``telemetry.enabled: false``: ``start_telemetry``
 returns the no-op and the trainer does no telemetry work at all.
 """
 
@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 from moe_dist.config import TelemetryConfig, load_config  # noqa: E402
 from moe_dist.models import build_model  # noqa: E402
 from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
-from moe_dist.step_hook import finish_step  # noqa: E402
-from moe_dist.telemetry import Telemetry  # noqa: E402
+from moe_dist.telemetry import Telemetry, start_telemetry  # noqa: E402
+from moe_dist.training.step_hook import finish_step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     B, S, V = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
     gen = torch.Generator().manual_seed(0)
-    tel = Telemetry.start(
+    tel = start_telemetry(
         TelemetryConfig(enabled=True, port_base=0, interval_steps=args.interval),
         groups,
         job_id="bench",

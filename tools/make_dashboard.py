@@ -4,8 +4,8 @@
     python tools/make_dashboard.py --check    # exit 1 if the committed JSON is stale
 
 Plain dicts in the shape of Grafana's dashboard JSON (schemaVersion 41, Grafana 11.x), type-checked
-against npm ``@grafana/schema`` by tests/test_telemetry_dashboard.py, and every query run against a
-real Prometheus fed by a real training run by tests/test_telemetry_live.py.
+against npm ``@grafana/schema`` by tests/telemetry/test_telemetry_dashboard.py, and every query run against a
+real Prometheus fed by a real training run by tests/telemetry/test_telemetry_live.py.
 
 Variables: ``$datasource`` (Prometheus), ``$job`` (``job_id`` label), ``$layer`` (multi, All).
 The per-layer heatmap repeats once per selected layer.

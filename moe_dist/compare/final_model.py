@@ -11,7 +11,7 @@ E experts, K slots per token, N sampled tokens.
    only) in eval mode; a forward pre-hook records each MoE layer's input x_TH.
 3. Drops at capacity factor ``cf``: per layer and batch, route x_TH with the layer's router; an
    expert accepts ``ceil(cf * slots / E)`` token-slots (slots = T * K for top-k routers, the
-   capacity ``moe_dist.parallel.permute.capacity_per_expert`` uses); the excess is dropped.
+   capacity ``moe_dist.ops.slot_sort.capacity_per_expert`` uses); the excess is dropped.
    Reported: dropped / routed slots over all batches, per layer, and their mean over layers.
 4. PES (SimBal Eq. 5-6): on the first ``pes_tokens`` validation tokens, every expert's output for
    the expert input (x, plus the router's decoded latent for LPR), mean pairwise cosine;
@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
-from moe_dist import checkpoint, metrics
+from moe_dist import metrics
 from moe_dist.config import config_from_dict
-from moe_dist.data import TokenBatches, load_corpus
+from moe_dist.data.corpus import TokenBatches, load_corpus
 from moe_dist.models import build_model
 from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.training import checkpoint
 
 
 def capacity_drops(counts_E: torch.Tensor, capacity_factor: float) -> tuple[float, float]:

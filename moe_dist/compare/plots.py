@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import numpy as np  # noqa: E402
 
+from moe_dist.compare.arm_logs import RunLog  # noqa: E402
 from moe_dist.compare.report import per_step_gini  # noqa: E402
-from moe_dist.compare.run_log import RunLog  # noqa: E402
 
 HEATMAP_MAX = 3.0  # colour scale of normalised load: 0 .. 3x the mean, the same for every variant
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from moe_dist import metrics
-from moe_dist.compare.run_log import RunLog
+from moe_dist.compare.arm_logs import RunLog
 
 LPR_EMA_DECAY = 0.99
 

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from moe_dist.compare import final_model, plots, report
-from moe_dist.compare.run_log import RunLog, read_run_log
+from moe_dist.compare.arm_logs import RunLog, read_run_log
 from moe_dist.compare.variants import BASELINE, VARIANTS, apply_variant
 from moe_dist.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, read_yaml
 

@@ -1,6 +1,6 @@
 """Our router and balancing-loss plugins inside other MoE stacks.
 
-- `moe_dist.integrations.deepspeed`: `MoeDistGate` (a DeepSpeed ``TopKGate``) and
+- `moe_dist.integrations.deepspeed_moe`: `MoeDistGate` (a DeepSpeed ``TopKGate``) and
   `build_deepspeed_moe` (a ``deepspeed.moe.layer.MoE`` with it); `deepspeed_engine`: training
   through ``deepspeed.initialize`` (``parallel.engine: deepspeed``).
 - `moe_dist.integrations.megatron`: `MoeDistRouter` (a Megatron-Core ``TopKRouter``) and

@@ -3,7 +3,7 @@
 ``<run dir>/checkpoints/step_N/`` holds what ``engine.save_checkpoint`` writes (module states,
 one file per expert, optimizer states) plus moe_dist's ``meta.json`` (engine, step, trainer
 state, every file's size and SHA-256) and ``rng_rank<r>.pt``; ``latest`` names the newest.
-``moe_dist.checkpoint.save_files`` does the atomic part for both engines: the engine writes
+``moe_dist.training.checkpoint.save_files`` does the atomic part for both engines: the engine writes
 into ``.tmp-step_N``, rank 0 renames it and replaces ``latest``, so a crash mid-save leaves the
 previous checkpoint in place; ``--resume`` verifies hashes and falls back to an older one.
 
@@ -24,8 +24,8 @@ from typing import Any
 
 from torch import nn
 
-from moe_dist.checkpoint import CheckpointError, Loaded, read_meta, restore_rng, save_files
 from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.training.checkpoint import CheckpointError, Loaded, read_meta, restore_rng, save_files
 
 _EXPERT_WEIGHTS = "deepspeed_moe.experts."  # DeepSpeed's own expert weights: left as they are
 _WORD, _MASK = "expert", "EXPERT"

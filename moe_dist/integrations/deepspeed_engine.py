@@ -11,7 +11,7 @@ the whole data-parallel group, i.e. mixed between different experts at EP > 1. S
 ``MoELayer`` of the model is swapped for a `DeepSpeedMoELayer`: DeepSpeed's MoE (dispatch,
 all-to-all, experts) around our router and losses, initialised with the native layer's weights.
 
-`train(cfg)` is ``moe_dist.train.train`` for this engine:
+`train(cfg)` is ``moe_dist.training.run.train`` for this engine:
 
 1. Process groups (DeepSpeed's E+D layout, the same as ``ParallelGroups``), the native model
    (same seed), every MoE block converted.
@@ -40,88 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_dist import checkpoint
 from moe_dist.config import Config, ConfigError, check_world_size, deepspeed_engine_errors
 from moe_dist.integrations import deepspeed_checkpoint
-from moe_dist.integrations.deepspeed import MoeDistDeepSpeedMoE, build_deepspeed_moe, copy_from_native
-from moe_dist.integrations.plugin_routing import PluginRouting, after_step
-from moe_dist.layer import MoELayer
-
-
-class DeepSpeedMoELayer(MoELayer):
-    """A DeepSpeed ``MoE`` that the model, trainer and telemetry address as a ``MoELayer``.
-
-    ``forward(x_BSH) -> (y_BSH, aux)`` like ``MoELayer`` (aux: weighted terms by name); the
-    statistics (``tokens_per_expert_E``, ``dropped_tokens``, ``last_aux``, ...) are the gate's
-    `PluginRouting` buffers. ``MoELayer.__init__`` is not run: nothing of the native dispatch exists.
-    """
-
-    def __init__(self, native: MoELayer, ep_size: int) -> None:
-        nn.Module.__init__(self)
-        self.cfg = native.cfg
-        self.hidden_size, self.num_experts = native.hidden_size, native.num_experts
-        self.num_local_experts, self.top_k = native.num_local_experts, native.top_k
-        self.moe: MoeDistDeepSpeedMoE = build_deepspeed_moe(native.cfg, native.hidden_size, ep_size=ep_size)
-        copy_from_native(self.moe, native)
-        deepspeed_checkpoint.protect_gate_keys(self.moe)
-        for p in self.moe.deepspeed_moe.experts.parameters():
-            p.expert_parallel = True  # type: ignore[attr-defined]  # model.num_params counts them
-        self.timing = False
-        self.a2a_seconds = 0.0  # DeepSpeed's MOELayer does the all-to-all; it is not timed here
-        self.expert_seconds = 0.0
-
-    @property
-    def plugin(self) -> PluginRouting:
-        return self.moe.deepspeed_moe.gate.plugin  # type: ignore[return-value]
-
-    @property
-    def router(self) -> Any:  # type: ignore[override]
-        return self.plugin.router
-
-    @property
-    def losses(self) -> Any:  # type: ignore[override]
-        return self.plugin.losses
-
-    @property
-    def tokens_per_expert_E(self) -> torch.Tensor:
-        return self.plugin.tokens_per_expert_E
-
-    @property
-    def received_per_local_expert_e(self) -> torch.Tensor:
-        return self.plugin.received_per_local_expert_e
-
-    @property
-    def dropped_tokens(self) -> torch.Tensor:
-        return self.plugin.dropped_tokens
-
-    @property
-    def last_aux(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return self.plugin.last_aux
-
-    @last_aux.setter
-    def last_aux(self, value: dict[str, torch.Tensor]) -> None:
-        self.plugin.last_aux = value
-
-    def reset_stats(self) -> None:
-        self.plugin.reset_stats()
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        y, _, _ = self.moe(x)
-        return y, self.moe.aux_terms
-
-    def extra_repr(self) -> str:
-        return (
-            f"deepspeed MoE, experts={self.num_experts}, local={self.num_local_experts}, top_k={self.top_k}"
-        )
-
-
-def convert_model(model: nn.Module, ep_size: int) -> nn.Module:
-    """Swap every ``MoELayer`` of ``model`` for a `DeepSpeedMoELayer` with the same weights (in place)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, MoELayer) and not isinstance(child, DeepSpeedMoELayer):
-                setattr(parent, name, DeepSpeedMoELayer(child, ep_size))
-    return model
+from moe_dist.integrations.deepspeed_layer import convert_model
+from moe_dist.integrations.plugin_routing import after_step
+from moe_dist.training import checkpoint
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -159,7 +82,7 @@ def initialize(model: nn.Module, cfg: Config) -> Any:
 
 
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, stream: Any = None) -> Any:
-    """``moe_dist.train.train`` through the DeepSpeed engine (see the module docstring); a ``TrainResult``.
+    """``training.run.train`` through the DeepSpeed engine (see the module docstring); a ``TrainResult``.
 
     Writes what the native trainer writes (config.json, metrics.jsonl, summary.json, checkpoints
     every ``checkpoint.every`` steps and at the end, in DeepSpeed's format: deepspeed_checkpoint)
@@ -171,10 +94,10 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     import torch.distributed as dist  # noqa: PLC0415
 
     from moe_dist.models import build_model  # noqa: PLC0415
-    from moe_dist.optim import lr_at, set_lr  # noqa: PLC0415
-    from moe_dist.parallel.init import init_distributed, pick_backend, shutdown_distributed  # noqa: PLC0415
-    from moe_dist.run_log import MetricsLog  # noqa: PLC0415
-    from moe_dist.train import (  # noqa: PLC0415
+    from moe_dist.parallel.startup import init_distributed, pick_backend, shutdown_distributed  # noqa: PLC0415
+    from moe_dist.training.metrics_log import MetricsLog  # noqa: PLC0415
+    from moe_dist.training.optim import lr_at, set_lr  # noqa: PLC0415
+    from moe_dist.training.run import (  # noqa: PLC0415
         TrainResult,
         _layer_record,
         _start_telemetry,

@@ -36,11 +36,11 @@ from torch import nn
 from moe_dist.balancing.aux import aux_losses, loss_names
 from moe_dist.balancing.base import BalancingLoss
 from moe_dist.config import ConfigError, MoEConfig, validate_moe
-from moe_dist.layer_stats import register_stats, reset_stats
+from moe_dist.layers.layer_stats import register_stats, reset_stats
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.registry import LOSSES, ROUTERS
 from moe_dist.routing.base import Router, RouterConfig, Routing
-from moe_dist.step_hook import finish_step
+from moe_dist.training.step_hook import finish_step
 
 
 class PluginRouting(nn.Module):

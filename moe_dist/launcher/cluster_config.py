@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
-from moe_dist.config import ConfigError, Section, _format_pydantic, apply_overrides, read_yaml
+from moe_dist.config import ConfigError, Section, format_pydantic_errors, apply_overrides, read_yaml
 from moe_dist.launcher.cluster_checks import control_chars, cross_checks
 from moe_dist.launcher.hostfile import HOST, parse_hostfile
 
@@ -291,7 +291,7 @@ def cluster_from_dict(
     try:
         cfg = ClusterConfig.model_validate(data)
     except ValidationError as exc:
-        errors += _format_pydantic(exc, "")
+        errors += format_pydantic_errors(exc, "")
         hostfile = data.get("hostfile")
         if (
             isinstance(hostfile, str)

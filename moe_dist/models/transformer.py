@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_dist.config import ModelConfig
-from moe_dist.layer import MoELayer
+from moe_dist.layers.moe_layer import MoELayer
 from moe_dist.models.attention import CausalSelfAttention, residual_out_std
 from moe_dist.models.norm import RMSNorm
 from moe_dist.parallel.groups import ParallelGroups

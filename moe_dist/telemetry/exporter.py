@@ -30,17 +30,17 @@ import torch
 
 from moe_dist.telemetry.accumulator import StatsAccumulator, StepInputs
 from moe_dist.telemetry.file_sd import Endpoint, gather_endpoints, target_groups, targets_path, write_targets
+from moe_dist.telemetry.handle import Telemetry
 from moe_dist.telemetry.metrics_registry import build_metrics
 from moe_dist.telemetry.publisher import Publisher, Roles
 from moe_dist.telemetry.push import push_summary
 from moe_dist.telemetry.server import MetricsServer, TelemetryError, start_server
-from moe_dist.telemetry.telemetry import Telemetry
 
 log = logging.getLogger("moe_dist.telemetry")
 
 
 def step_inputs(layers: list, global_counts: list[torch.Tensor], groups: Any) -> StepInputs:
-    """Read one step's statistics. ``moe_dist.step_hook.finish_step`` returns the group-summed
+    """Read one step's statistics. ``moe_dist.training.step_hook.finish_step`` returns the group-summed
     received counts, drops and this rank's timings (read before it resets the layers) as
     attributes of its result; without them (a custom loop) routed counts stand in for received
     ones, which is exact for dropless layers."""

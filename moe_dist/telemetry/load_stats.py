@@ -2,7 +2,7 @@
 
 Shape legend: L MoE layers, E experts.
 
-Same definitions and edge cases as ``moe_dist.metrics`` (tests/test_telemetry_exporter.py pins
+Same definitions and edge cases as ``moe_dist.metrics`` (tests/telemetry/test_telemetry_exporter.py pins
 them equal), batched over layers: ~20 tensor ops per interval instead of ~30 per layer, so the
 exporter thread holds the GIL for microseconds, not milliseconds, and the training thread
 does not wait for it.

@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-from moe_dist.compiled import compile_failures
 from moe_dist.config import MoEConfig
-from moe_dist.layer import MoELayer
+from moe_dist.layers.moe_layer import MoELayer
+from moe_dist.ops.compiled import compile_failures
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 T, H, E = 512, 128, 8

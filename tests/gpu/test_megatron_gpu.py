@@ -43,7 +43,7 @@ def build(router: dict, losses: list[dict]):  # noqa: ANN201
         moe_submodules,
         transformer_config_fields,
     )
-    from moe_dist.layer import MoELayer
+    from moe_dist.layers.moe_layer import MoELayer
 
     cfg = MoEConfig(num_experts=E, router=router, losses=losses, experts={"ffn_hidden_size": 128})
     assert validate_moe(cfg, H) == []

@@ -1,0 +1,35 @@
+"""``moe-dist train CONFIG [--set k=v ...] [--resume [PATH]]``: one run of either engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moe_dist.config import load_config
+from moe_dist.training.run import train
+
+
+def train_main(args: Any) -> int:
+    """``moe-dist train CONFIG [--set k=v ...] [--resume [PATH]]``."""
+    cfg = load_config(args.config, args.set)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def add_train_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (run under torchrun/mpirun/srun for several processes)",
+        description="Train the MoE transformer described by CONFIG.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="resume from PATH (a checkpoints dir or one step_* dir); alone: this run's latest checkpoint, "
+        "or a fresh start if it has none",
+    )
+    p.set_defaults(func=train_main)

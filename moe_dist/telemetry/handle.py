@@ -1,0 +1,41 @@
+"""`Telemetry`: the trainer's one handle on monitoring, and its no-op form. Disabled, it is free.
+
+The trainer's whole contract (``start_telemetry`` is in ``start.py``)::
+
+    tel = start_telemetry(cfg.telemetry, groups, job_id=..., model_name=..., router_name=...,
+                          local_rank=..., node=...)
+    tel.wants_timing          # should layers time their all-to-all and experts?
+    tel.on_step(step, model.moe_layers(), global_counts, step_seconds=..., tokens=..., losses={...})
+    tel.close(summary)
+
+With ``enabled: false`` this class is the whole implementation: no prometheus_client import, no
+thread, no socket, and ``on_step`` returns at once. Enabled, ``start_telemetry`` returns the
+live `moe_dist.telemetry.exporter.Exporter`, a subclass (imported only then).
+"""
+
+from __future__ import annotations
+
+
+class Telemetry:
+    wants_timing: bool = False
+
+    def on_step(
+        self,
+        step: int,
+        layers: list,
+        global_counts: list,
+        *,
+        step_seconds: float = 0.0,
+        tokens: int = 0,
+        losses: dict[str, float] | None = None,
+    ) -> None:
+        pass
+
+    def close(self, summary: dict | None = None) -> None:
+        pass
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close({})

@@ -1,0 +1,416 @@
+"""Checkpoints: atomic, verified, resumable at any expert-parallel size.
+
+Layout of ``<run dir>/checkpoints/``::
+
+    step_000100/   meta.json (engine, step, trainer state, file sizes and SHA-256), model.pt,
+                   optim.pt, rng_rank<r>.pt (each rank's generator states)
+    latest         the name of the newest complete checkpoint
+
+The DeepSpeed engine writes DeepSpeed's files in place of model.pt and optim.pt
+(``integrations/deepspeed_checkpoint.py``) through the same ``save_files``, ``resume_from``
+and ``verify``; a checkpoint resumes only under the engine that wrote it.
+
+Saving (every rank calls ``save``):
+1. Expert tensors (parameters with ``expert_parallel`` and their AdamW moments) are all-gathered
+   over the EP group into the global layout ``[E, ...]`` (global expert g = ep_rank * e + local id),
+   so the files do not depend on the EP size.
+2. Rank 0 writes everything into ``.tmp-step_N``, every rank adds its RNG state, then rank 0
+   renames the directory to ``step_N`` and replaces ``latest`` (write + ``os.replace``). A crash
+   at any point leaves either the old or the new checkpoint as latest, never a half-written one.
+3. Only the newest ``checkpoint.keep`` checkpoints are kept.
+
+Loading: rank 0 checks the candidates newest first (``latest``, then older ``step_*``) against
+their recorded sizes and hashes; a corrupt one is reported in one line and the next older is
+used. Every rank then reads it with ``torch.load(weights_only=True)`` and keeps its slice of the
+experts: an EP=2 checkpoint resumes at EP=1 or EP=4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_dist.config import ConfigError
+from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.training.grad_sync import is_expert_param
+
+FORMAT = "moe_dist.training.checkpoint"
+VERSION = 1
+LATEST = "latest"
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint where one was asked for."""
+
+
+@dataclass
+class Loaded:
+    path: Path
+    step: int
+    trainer: dict[str, Any] = field(default_factory=dict)
+    rng_restored: bool = False
+
+    def counts(self, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The trainer's whole-run expert counts per MoE layer; ``fresh`` when none were saved."""
+        saved = [torch.tensor(c, dtype=torch.float64) for c in self.trainer.get("counts", [])]
+        return saved or fresh
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _barrier(groups: ParallelGroups) -> None:
+    if groups.distributed:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- global <-> local expert layout
+
+
+def _gather_experts(t_e: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """Local ``[e, ...]`` -> global ``[E, ...]`` (EP ranks in order)."""
+    if groups.ep_size == 1:
+        return t_e.detach().cpu().clone()
+    parts = [torch.empty_like(t_e) for _ in range(groups.ep_size)]
+    dist.all_gather(parts, t_e.detach().contiguous(), group=groups.ep_group)
+    return torch.cat(parts).cpu()
+
+
+def _local_slice(t_E: torch.Tensor, like_e: torch.Tensor, groups: ParallelGroups, name: str) -> torch.Tensor:
+    e = like_e.shape[0]
+    if t_E.shape[0] != e * groups.ep_size or t_E.shape[1:] != like_e.shape[1:]:
+        raise CheckpointError(
+            f"{name}: checkpoint has shape {tuple(t_E.shape)}, "
+            f"this model needs {groups.ep_size} x {tuple(like_e.shape)}"
+        )
+    return t_E[groups.ep_rank * e : (groups.ep_rank + 1) * e]
+
+
+def _expert_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if is_expert_param(p)}
+
+
+def global_model_state(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    experts = _expert_names(model)
+    return {
+        name: _gather_experts(t, groups) if name in experts else t.detach().cpu().clone()
+        for name, t in model.state_dict().items()
+    }
+
+
+def global_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelGroups) -> dict:
+    """Optimizer state keyed by parameter name, expert moments in the global layout."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state: dict[str, dict[str, Any]] = {}
+    param_groups = []
+    for group in optimizer.param_groups:
+        param_groups.append(
+            {k: v for k, v in group.items() if k != "params"}
+            | {"param_names": [names[id(p)] for p in group["params"]]}
+        )
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            out = {}
+            for key, v in sorted(st.items()):
+                if isinstance(v, torch.Tensor) and is_expert_param(p) and v.shape == p.shape:
+                    out[key] = _gather_experts(v, groups)
+                elif isinstance(v, torch.Tensor):
+                    out[key] = v.detach().cpu().clone()
+                else:
+                    out[key] = v
+            state[names[id(p)]] = out
+    return {"state": state, "param_groups": param_groups}
+
+
+# ---------------------------------------------------------------- save
+
+
+def save(
+    ckpt_root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: ParallelGroups,
+    trainer: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically (collective: every rank calls it)."""
+    model_sd = global_model_state(model, groups)
+    optim_sd = global_optim_state(model, optimizer, groups)
+
+    def write(tmp: Path) -> None:
+        if groups.rank == 0:
+            torch.save(model_sd, tmp / "model.pt")
+            torch.save(optim_sd, tmp / "optim.pt")
+
+    return save_files(ckpt_root, step, groups, trainer, keep, write, engine="native")
+
+
+def save_files(
+    ckpt_root: Path,
+    step: int,
+    groups: ParallelGroups,
+    trainer: dict[str, Any],
+    keep: int,
+    write: Callable[[Path], None],
+    engine: str,
+) -> Path:
+    """The atomic part of a save, for any engine (collective): ``write(tmp)`` runs on every rank
+    and fills the temporary directory; every rank adds its RNG state; rank 0 records sizes and
+    hashes in meta.json, renames the directory to ``step_N``, replaces ``latest`` and prunes."""
+    name = step_dir_name(step)
+    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    if groups.rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(groups)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{groups.rank}.pt")
+    write(tmp)
+    _barrier(groups)
+    if groups.rank == 0:
+        files = {
+            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file()
+        }
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "engine": engine,
+            "step": step,
+            "world_size": groups.world_size,
+            "ep_size": groups.ep_size,
+            "trainer": trainer,
+            "files": files,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = ckpt_root / f".{LATEST}.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, ckpt_root / LATEST)
+        _fsync_dir(ckpt_root)
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(groups)
+    return final
+
+
+def restore_rng(path: Path, meta: dict[str, Any], groups: ParallelGroups) -> bool:
+    """This rank's generator states from checkpoint ``path``, if it was written by the same
+    world and EP size (else the streams stay as seeded); whether they were restored."""
+    rng_file = path / f"rng_rank{groups.rank}.pt"
+    same_layout = meta["world_size"] == groups.world_size and meta["ep_size"] == groups.ep_size
+    if not (same_layout and rng_file.is_file()):
+        return False
+    rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return True
+
+
+def read_meta(path: Path, engine: str) -> dict[str, Any]:
+    """meta.json of a verified checkpoint, refusing one another engine wrote."""
+    meta = json.loads((path / "meta.json").read_text())
+    written_by = meta.get("engine", "native")
+    if written_by != engine:
+        raise CheckpointError(
+            f"{path}: written by parallel.engine {written_by}; resume it with that engine "
+            f"(this run: {engine})"
+        )
+    return meta
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in [*path.iterdir(), path] if path.is_dir() else [path]:
+        if f.is_file() or f == path:
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+# ---------------------------------------------------------------- find and verify
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete-looking ``step_*`` directories, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=lambda p: p.name)
+
+
+def verify(path: Path) -> str | None:
+    """None if ``path`` is a complete, uncorrupted checkpoint, else why not (one line)."""
+    meta_path = path / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"meta.json unreadable ({exc.__class__.__name__})"
+    if meta.get("format") != FORMAT:
+        return "meta.json is not a moe_dist checkpoint"
+    for fname, rec in meta.get("files", {}).items():
+        f = path / fname
+        if not f.is_file():
+            return f"{fname} missing"
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            return f"{fname} has {size} bytes, expected {rec['bytes']} (truncated?)"
+        if _sha256(f) != rec["sha256"]:
+            return f"{fname} checksum mismatch (corrupt)"
+    return None
+
+
+def candidates(path: Path) -> list[Path]:
+    """Checkpoints to try, newest first: ``path`` may be a run's checkpoint root or one step_* dir."""
+    if (path / "meta.json").exists() or path.name.startswith("step_"):
+        older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        return [path, *reversed(older)]
+    found = list(reversed(list_checkpoints(path)))
+    pointer = path / LATEST
+    if pointer.is_file():
+        latest = path / pointer.read_text().strip()
+        found = [latest] + [p for p in found if p != latest]
+    return found
+
+
+def resume_from(resume: str | None, ckpt_root: Path, groups: ParallelGroups, log: Any = None) -> Path | None:
+    """The checkpoint a run starts from, for either engine: ``resume`` None is a fresh start (an
+    error when the run already has checkpoints: nothing is overwritten by accident); "" is this
+    run's newest usable checkpoint, or a fresh start when none was saved yet (elastic restarts
+    rely on it); anything else a checkpoint root or one ``step_*`` directory."""
+    if resume is None:
+        if list_checkpoints(ckpt_root):
+            raise ConfigError(
+                [
+                    f"run.name: {ckpt_root.parent} already has checkpoints (newest "
+                    f"{list_checkpoints(ckpt_root)[-1].name}); continue it with --resume, "
+                    "or start a new run with --set run.name=NEW"
+                ]
+            )
+        return None
+    if resume == "" and not candidates(ckpt_root):
+        return None
+    return choose(Path(resume) if resume else ckpt_root, groups, log)
+
+
+def choose(path: Path, groups: ParallelGroups, log: Any = None) -> Path:
+    """The newest usable checkpoint under ``path`` (rank 0 decides; every rank gets the answer)."""
+    choice: list[Any] = [None]
+    if groups.rank == 0:
+        tried = candidates(path)
+        for cand in tried:
+            problem = verify(cand)
+            if problem is None:
+                choice[0] = str(cand)
+                break
+            print(
+                f"checkpoint {cand} is unusable: {problem}; trying the previous one", file=log or sys.stderr
+            )
+        if choice[0] is None:
+            choice[0] = "" if tried else None
+    if groups.distributed:
+        dist.broadcast_object_list(choice, src=0)
+    if not choice[0]:
+        why = "no usable checkpoint (all corrupt)" if choice[0] == "" else "no checkpoint"
+        raise CheckpointError(f"--resume: {why} in {path}")
+    return Path(choice[0])
+
+
+# ---------------------------------------------------------------- load
+
+
+def load(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, groups: ParallelGroups
+) -> Loaded:
+    """Load checkpoint ``path`` (already verified) into this rank's model and optimizer."""
+    meta = read_meta(path, "native")
+    experts = _expert_names(model)
+    saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    current = model.state_dict()
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: model does not match the checkpoint "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    new_sd = {}
+    for name, cur in current.items():
+        t = saved[name]
+        if name in experts:
+            t = _local_slice(t, cur, groups, name)
+        elif t.shape != cur.shape:
+            if name in dict(model.named_buffers()):
+                t = cur  # per-rank statistics in the local layout (reset every step): keep ours
+            else:
+                raise CheckpointError(
+                    f"{name}: checkpoint has shape {tuple(t.shape)}, model {tuple(cur.shape)}"
+                )
+        new_sd[name] = t
+    model.load_state_dict(new_sd, strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(_local_optim_state(path, model, optimizer, groups, experts))
+    rng_restored = restore_rng(path, meta, groups)
+    return Loaded(
+        path=path, step=int(meta["step"]), trainer=meta.get("trainer", {}), rng_restored=rng_restored
+    )
+
+
+def _local_optim_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelGroups, experts: set[str]
+) -> dict:
+    saved = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    state, out_groups, index = {}, [], 0
+    for gi, group in enumerate(optimizer.param_groups):
+        names = [n for n, p in params.items() if any(p is q for q in group["params"])]
+        order = {id(p): i for i, p in enumerate(group["params"])}
+        names.sort(key=lambda n: order[id(params[n])])
+        saved_group = saved["param_groups"][gi] if gi < len(saved["param_groups"]) else {}
+        if sorted(saved_group.get("param_names", [])) != sorted(names):
+            raise CheckpointError(f"{path}: optimizer parameter group {gi} does not match this model")
+        ids = []
+        for n in names:
+            st = dict(saved["state"].get(n, {}))
+            for key, v in st.items():
+                if n in experts and isinstance(v, torch.Tensor) and v.dim() == params[n].dim():
+                    st[key] = _local_slice(v, params[n], groups, f"optimizer {n}.{key}").clone()
+            if st:
+                state[index] = st
+            ids.append(index)
+            index += 1
+        hyper = {k: v for k, v in saved_group.items() if k != "param_names"}
+        out_groups.append({**{k: v for k, v in group.items() if k != "params"}, **hyper, "params": ids})
+    return {"state": state, "param_groups": out_groups}

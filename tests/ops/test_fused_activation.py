@@ -1,0 +1,112 @@
+"""The experts' elementwise work compiled into fused kernels gives the eager results, in fp32 and
+bf16, SwiGLU and GELU, for any row count without compiling again; a compiler failure falls back
+to eager with a warning (``moe_dist.ops.compiled``). Compiling on CPU takes tens of seconds, hence
+``slow``."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from moe_dist.config import MoEConfig
+from moe_dist.layers.moe_layer import MoELayer
+from moe_dist.ops import compiled
+from moe_dist.ops import fused_activation as fa
+from moe_dist.parallel.groups import ParallelGroups
+
+FF = 24
+
+
+def _inputs(n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h1, h3, du = (torch.randn(n, FF, generator=g).to(dtype) for _ in range(3))
+    return [du, h1, h3, torch.rand(n, generator=g)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "swiglu,dtype",
+    [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)],
+    ids=["swiglu_fp32", "gelu_fp32", "swiglu_bf16"],
+)
+def test_compiled_equals_eager(swiglu: bool, dtype: torch.dtype) -> None:
+    from torch._dynamo.utils import counters
+
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    frames = None
+    for n in (37, 5, 130):  # the second and third row counts must reuse the first compile
+        du, h1, h3, s = _inputs(n, dtype, seed=n)
+        h3_ = h3 if swiglu else None
+        want_a = fa.scaled_activation(h1, h3_, s, compiled=False)
+        want = fa.activation_backward(du.clone(), h1, h3_, s, compiled=False)
+        got_a = fa.scaled_activation(h1, h3_, s, compiled=True)
+        got = fa.activation_backward(du.clone(), h1, h3_, s, compiled=True)
+        assert not compiled.compile_failures(), compiled.compile_failures()
+        torch.testing.assert_close(got_a.float(), want_a.float(), **tol)
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if g is not None:
+                assert g.dtype == w.dtype
+                torch.testing.assert_close(g.float(), w.float(), **tol)
+        if frames is None:
+            frames = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == frames, "compiled again for a new row count"
+
+
+def test_compiler_failure_falls_back_to_eager(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_compile(fn, **kw):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            raise RuntimeError("inductor: no C++ compiler found\nmore detail")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", {})
+    du, h1, h3, s = _inputs(9, torch.float32)
+    with caplog.at_level(logging.WARNING, logger="moe_dist.ops.compiled"):
+        got = fa.activation_backward(du.clone(), h1, h3, s, compiled=True)
+        fa.activation_backward(du.clone(), h1, h3, s, compiled=True)  # no second attempt or warning
+    want = fa.activation_backward(du.clone(), h1, h3, s, compiled=False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert compiled.compile_failures() == {"swiglu_backward": "RuntimeError: inductor: no C++ compiler found"}
+    assert len([r for r in caplog.records if "swiglu_backward" in r.message]) == 1
+
+
+def test_auto_compiles_on_cuda_only() -> None:
+    x = torch.zeros(1)
+    assert not compiled.use_compiled(x, "auto")
+    assert compiled.use_compiled(x, "compiled") and not compiled.use_compiled(x, "eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grouped_mm", [False, True], ids=["per_expert_loop", "grouped_mm"])
+def test_layer_with_compiled_activation_equals_eager(grouped_mm: bool) -> None:
+    """``model.moe.fused_kernels: compiled`` through the layer (the experts' activation and the
+    combine's gather-and-sum), both expert paths."""
+    results = []
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        cfg = MoEConfig(
+            num_experts=4,
+            router={"name": "topk_softmax", "top_k": 2},
+            experts={"ffn_hidden_size": FF, "init_std": 0.5},
+            fused_kernels=mode,
+        )
+        layer = MoELayer(cfg, 16, ParallelGroups.single())
+        layer.experts.force_grouped_mm = grouped_mm
+        x = torch.randn(50, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y, _ = layer(x)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad, [p.grad for p in layer.parameters()]))
+    assert not compiled.compile_failures(), compiled.compile_failures()
+    (y0, gx0, gp0), (y1, gx1, gp1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
