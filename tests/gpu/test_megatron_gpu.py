@@ -21,7 +21,7 @@ H, E = 64, 8
 def megatron_world():  # noqa: ANN201
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from multiprocess import free_port
+    from rank_processes import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     torch.cuda.set_device(0)

@@ -99,7 +99,7 @@ def test_init_distributed_from_mpi_and_slurm_variables(launcher: str, names: tup
     import subprocess
     import sys
 
-    from multiprocess import free_port
+    from rank_processes import free_port
 
     port = str(free_port())
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
