@@ -46,7 +46,7 @@ lint: setup
 	$(PY) -m ruff format --check .
 
 bench: setup
-	$(PY) tools/bench_layer.py
+	$(PY) tools/bench_layer_cpu.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -3,7 +3,7 @@
 Counted through ``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd (or a custom
 function's ``save_for_backward``) keeps, once per storage, leaving out the given tensors (a
 module's parameters and its input, which exist without it). Device independent, so the
-property ``tools/bench_layer.py`` reports on a GPU is tested on CPU
+property ``tools/bench_layer_cuda.py`` reports on a GPU is tested on CPU
 (``tests/ops/test_activation_memory.py``).
 """
 

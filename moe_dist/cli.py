@@ -20,6 +20,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("moe_dist.commands.check", "add_check_parser"),
     ("moe_dist.commands.demo", "add_demo_parser"),
     ("moe_dist.commands.prepare_data", "add_prepare_data_parser"),
+    ("moe_dist.commands.train_tokenizer", "add_train_tokenizer_parser"),
     ("moe_dist.commands.compare", "add_compare_parser"),
     ("moe_dist.commands.launch", "add_launch_parser"),
 ]
@@ -39,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moe_dist.config import ConfigError
-    from moe_dist.data.corpus import DataError
+    from moe_dist.data.errors import DataError
     from moe_dist.parallel.startup import LaunchEnvError
-    from moe_dist.training.checkpoint import CheckpointError
+    from moe_dist.training.checkpoint_choice import CheckpointError
 
     return ConfigError, DataError, CheckpointError, LaunchEnvError
 

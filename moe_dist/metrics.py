@@ -1,10 +1,13 @@
 """Load-balance and expert-redundancy metrics: pure functions over expert token counts.
 
-Shape legend: E experts, T tokens, K slots per token, B sequences, N sampled tokens, H hidden
-size, F ffn hidden size, e local experts.
+Shape legend: L layers, E experts, T tokens, K slots per token, B sequences, N sampled tokens,
+H hidden size, F ffn hidden size, e local experts.
 
 Every load metric takes ``counts_E``, the token-slot assignments per expert of ONE layer (any
-non-negative numbers: counts, fractions or an EMA of counts; most metrics are scale-free). They
+non-negative numbers: counts, fractions or an EMA of counts; most metrics are scale-free), and
+has a batched form over layers, ``gini_L(counts_LE)`` etc. (``L`` layers), which holds the one
+definition: the per-layer function is the batched one on a ``[1, E]`` stack, and
+``load_stats_L`` gives every metric of every layer at once (the telemetry exporter's form). They
 do no communication: for a group-wide figure pass counts already summed over the data x expert
 parallel group (``moe_dist.training.step_hook.finish_step`` returns them); for one rank's view pass that
 rank's counts. An all-zero load (no tokens yet) gives the value of a perfectly balanced load for
@@ -40,64 +43,129 @@ import torch
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------- load dispersion
+#
+# One definition per metric, batched over layers: ``*_L(counts_LE)`` gives the value of every
+# layer (float64 ``[L]``) in a fixed number of tensor ops whatever L is, which is what the
+# exporter thread needs. The per-layer functions run the same code on a ``[1, E]`` stack.
+# Divisions by a zero total or mean are computed and then replaced (``torch.where``): no
+# autograd runs here, so the unused NaN branch costs nothing and the edge values stay exact.
 
 
-def _load(counts_E: torch.Tensor) -> torch.Tensor:
-    return counts_E.detach().to(torch.float64).reshape(-1)
+def _loads_LE(counts_LE: torch.Tensor) -> torch.Tensor:
+    """float64 ``[L, E]``, detached."""
+    return counts_LE.detach().to(torch.float64)
+
+
+def _one_layer(counts_E: torch.Tensor) -> torch.Tensor:
+    """One layer's load as a ``[1, E]`` stack."""
+    return _loads_LE(counts_E).reshape(1, -1)
+
+
+def gini_L(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Gini coefficient of the load (LPR code's formula on loads sorted ascending); 0 for an
+    all-zero load or one expert."""
+    c = _loads_LE(counts_LE)
+    E, total = c.shape[1], c.sum(1)
+    if E < 2:
+        return torch.zeros_like(total)
+    i = torch.arange(1, E + 1, dtype=c.dtype, device=c.device)
+    g = ((2 * i - E - 1) * c.sort(1).values).sum(1) / (E * total)
+    return torch.where(total > 0, g, 0.0)
+
+
+def min_max_ratio_L(counts_LE: torch.Tensor) -> torch.Tensor:
+    """min load / max load; 1 for an all-zero load."""
+    c = _loads_LE(counts_LE)
+    top = c.max(1).values
+    return torch.where(top > 0, c.min(1).values / top, 1.0)
+
+
+def coefficient_of_variation_L(counts_LE: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """std / mean of the load (sample std by default, as LPR's code); 0 for an all-zero load or
+    one expert."""
+    c = _loads_LE(counts_LE)
+    E, mean = c.shape[1], c.mean(1)
+    if E < 2 or c.shape[0] == 0:  # no layers: std would warn about its degrees of freedom
+        return torch.zeros_like(mean)
+    return torch.where(mean > 0, c.std(1, correction=1 if unbiased else 0) / mean, 0.0)
+
+
+def normalized_entropy_L(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Entropy of the load fractions divided by log E (1 = uniform, 0 = one expert); 1 for an
+    all-zero load or one expert."""
+    c = _loads_LE(counts_LE)
+    E, total = c.shape[1], c.sum(1)
+    if E < 2:
+        return torch.ones_like(total)
+    q = c / total[:, None]
+    h = -torch.where(q > 0, q * torch.log(q), 0.0).sum(1)
+    return torch.where(total > 0, h / math.log(E), 1.0)
+
+
+def max_violation_L(counts_LE: torch.Tensor) -> torch.Tensor:
+    """MaxVio = (max - mean) / mean; 0 for an all-zero load."""
+    c = _loads_LE(counts_LE)
+    mean = c.mean(1)
+    return torch.where(mean > 0, c.max(1).values / mean - 1.0, 0.0)
+
+
+def dead_experts_L(counts_LE: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Number of experts with load <= ``threshold`` (float64, like the other metrics)."""
+    return (_loads_LE(counts_LE) <= threshold).sum(1).to(torch.float64)
+
+
+def dead_fraction_L(counts_LE: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Fraction of the experts with load <= ``threshold``."""
+    return dead_experts_L(counts_LE, threshold) / max(counts_LE.shape[1], 1)
+
+
+def load_stats_L(counts_LE: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All load metrics of every layer, float64 ``[L]`` each (names as exported to telemetry)."""
+    c = _loads_LE(counts_LE)  # once: the metrics below find it float64 already
+    return {
+        "gini": gini_L(c),
+        "min_max_ratio": min_max_ratio_L(c),
+        "cv": coefficient_of_variation_L(c),
+        "normalized_entropy": normalized_entropy_L(c),
+        "max_violation": max_violation_L(c),
+        "dead_experts": dead_experts_L(c),
+        "dead_fraction": dead_fraction_L(c),
+    }
 
 
 def gini(counts_E: torch.Tensor) -> float:
-    """Gini coefficient of the load (LPR code's formula on loads sorted ascending)."""
-    p = _load(counts_E)
-    n, total = p.numel(), p.sum()
-    if n < 2 or total <= 0:
-        return 0.0
-    p_sorted = torch.sort(p).values
-    i = torch.arange(1, n + 1, dtype=p.dtype, device=p.device)
-    return float(torch.sum((2 * i - n - 1) * p_sorted) / (n * total))
+    """Gini coefficient of one layer's load (``gini_L``)."""
+    return float(gini_L(_one_layer(counts_E))[0])
 
 
 def min_max_ratio(counts_E: torch.Tensor) -> float:
-    """min load / max load; 1 for an all-zero load."""
-    p = _load(counts_E)
-    top = p.max()
-    return 1.0 if top <= 0 else float(p.min() / top)
+    """min load / max load of one layer (``min_max_ratio_L``)."""
+    return float(min_max_ratio_L(_one_layer(counts_E))[0])
 
 
 def coefficient_of_variation(counts_E: torch.Tensor, unbiased: bool = True) -> float:
-    """std / mean of the load (sample std by default, as LPR's code)."""
-    p = _load(counts_E)
-    mean = p.mean()
-    if p.numel() < 2 or mean <= 0:
-        return 0.0
-    return float(p.std(correction=1 if unbiased else 0) / mean)
+    """std / mean of one layer's load (``coefficient_of_variation_L``)."""
+    return float(coefficient_of_variation_L(_one_layer(counts_E), unbiased)[0])
 
 
 def normalized_entropy(counts_E: torch.Tensor) -> float:
-    """Entropy of the load fractions divided by log E (1 = uniform, 0 = one expert)."""
-    p = _load(counts_E)
-    n, total = p.numel(), p.sum()
-    if n < 2 or total <= 0:
-        return 1.0
-    q = p / total
-    h = -torch.sum(torch.where(q > 0, q * torch.log(q), torch.zeros_like(q)))
-    return float(h / math.log(n))
+    """Normalised entropy of one layer's load fractions (``normalized_entropy_L``)."""
+    return float(normalized_entropy_L(_one_layer(counts_E))[0])
 
 
 def max_violation(counts_E: torch.Tensor) -> float:
-    """MaxVio = (max - mean) / mean."""
-    p = _load(counts_E)
-    mean = p.mean()
-    return 0.0 if mean <= 0 else float(p.max() / mean - 1.0)
+    """MaxVio of one layer (``max_violation_L``)."""
+    return float(max_violation_L(_one_layer(counts_E))[0])
 
 
 def dead_experts(counts_E: torch.Tensor, threshold: float = 0.0) -> int:
-    """Number of experts with load <= ``threshold``."""
-    return int((_load(counts_E) <= threshold).sum())
+    """Number of experts of one layer with load <= ``threshold`` (``dead_experts_L``)."""
+    return int(dead_experts_L(_one_layer(counts_E), threshold)[0])
 
 
 def dead_fraction(counts_E: torch.Tensor, threshold: float = 0.0) -> float:
-    return dead_experts(counts_E, threshold) / max(counts_E.numel(), 1)
+    """Fraction of one layer's experts with load <= ``threshold`` (``dead_fraction_L``)."""
+    return float(dead_fraction_L(_one_layer(counts_E), threshold)[0])
 
 
 def dropped_fraction(dropped: float | torch.Tensor, routed: float | torch.Tensor) -> float:
@@ -107,16 +175,8 @@ def dropped_fraction(dropped: float | torch.Tensor, routed: float | torch.Tensor
 
 
 def load_summary(counts_E: torch.Tensor, dropped: float | torch.Tensor | None = None) -> dict[str, float]:
-    """All load metrics of one layer in one dict (names as exported to telemetry)."""
-    out = {
-        "gini": gini(counts_E),
-        "min_max_ratio": min_max_ratio(counts_E),
-        "cv": coefficient_of_variation(counts_E),
-        "normalized_entropy": normalized_entropy(counts_E),
-        "max_violation": max_violation(counts_E),
-        "dead_experts": float(dead_experts(counts_E)),
-        "dead_fraction": dead_fraction(counts_E),
-    }
+    """All load metrics of one layer in one dict (``load_stats_L`` of a ``[1, E]`` stack)."""
+    out = {k: float(v[0]) for k, v in load_stats_L(_one_layer(counts_E)).items()}
     if dropped is not None:
         out["dropped_fraction"] = dropped_fraction(dropped, counts_E.sum())
     return out
@@ -134,7 +194,7 @@ class EMALoadTracker:
         self.steps = 0
 
     def update(self, counts_E: torch.Tensor) -> None:
-        self.hard_load_E.mul_(self.decay).add_(_load(counts_E).cpu(), alpha=1.0 - self.decay)
+        self.hard_load_E.mul_(self.decay).add_(_loads_LE(counts_E).reshape(-1).cpu(), alpha=1.0 - self.decay)
         self.steps += 1
 
     @property

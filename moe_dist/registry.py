@@ -55,6 +55,10 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plugin that lives only for a while: a test, a notebook experiment)."""
+        self._items.pop(name, None)
+
     def _load_builtins(self) -> None:
         if not self._builtins_loaded:
             self._builtins_loaded = True

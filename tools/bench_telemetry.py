@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         groups,
         job_id="bench",
         model_name="demo",
-        router_name=cfg.model.moe.router_cfg.name,
+        router_name=cfg.model.moe.router.name,
     )
     off = Telemetry()  # what the trainer holds with telemetry disabled
     step = 0
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(handle: Telemetry, n: int) -> tuple[list[float], list[float]]:
         nonlocal step
         for layer in model.moe_layers():
-            layer.timing = handle.wants_timing
+            layer.gate.timing = handle.wants_timing
         steps, hooks = [], []
         for _ in range(n):
             step += 1

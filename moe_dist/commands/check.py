@@ -32,7 +32,7 @@ def check_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.world_size:
         check_world_size(cfg, args.world_size)
-    check_paths(cfg.data)
+    check_paths(cfg.data, cfg.model.vocab_size)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     print(f"# {args.config}: OK", flush=True)
     return 0

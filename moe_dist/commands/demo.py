@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from moe_dist.config import Config, check_world_size, load_config
-from moe_dist.data.corpus import TokenBatches, load_corpus
+from moe_dist.data.batches import TokenBatches
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -70,12 +70,12 @@ def demo_main(args: argparse.Namespace) -> int:
     overrides.append(f"telemetry.enabled={'false' if reason else 'true'}")
     cfg: Config = load_config(args.config, overrides)
     check_world_size(cfg, args.nproc)
-    TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)  # data errors now
+    TokenBatches.for_run(cfg)  # data errors now
 
     print(
         f"moe-dist demo: {args.config}, {args.nproc} processes, EP={cfg.parallel.ep_size}, "
         f"{cfg.schedule.steps} steps, {cfg.model.n_layers} layers x {cfg.model.moe.num_experts} experts "
-        f"top-{cfg.model.moe.router_cfg.top_k}",
+        f"top-{cfg.model.moe.router.top_k}",
         flush=True,
     )
     if reason:

@@ -1,8 +1,9 @@
 """``moe-dist launch CLUSTER.yaml [--dry-run] [--set k=v] -- train CONFIG.yaml [--set ...]``.
 
 1. Load and validate the cluster YAML (its own ``--set`` overrides before the ``--``).
-2. Check the train config now, with the launch's world size, so a bad config fails here and
-   not after a SLURM queue wait or on 64 nodes at once.
+2. Check the train config now, with the launch's world size, and the resume decision (a fresh
+   start on a run that has checkpoints is refused), so a bad start fails here with one message,
+   not after a SLURM queue wait, on 64 nodes at once or under torchrun's worker tracebacks.
 3. Build the backend's plan: argument list, added environment, files (hostfile, sbatch script).
 4. ``--dry-run`` prints the plan; otherwise check this node (launcher on PATH, GPUs when
    ``devices: gpu``), write the files and run the argument list, forwarding SIGINT/SIGTERM,
@@ -22,8 +23,10 @@ from pathlib import Path
 
 from moe_dist.config import ConfigError, check_world_size, load_config
 from moe_dist.launcher import deepspeed_runner, local, mpirun, slurm, torchrun
-from moe_dist.launcher.cluster_config import ClusterConfig, load_cluster_config
+from moe_dist.launcher.cluster_config import ClusterConfig
+from moe_dist.launcher.cluster_loading import load_cluster_config
 from moe_dist.launcher.plan import LaunchPlan, train_args_for
+from moe_dist.training.checkpoint_choice import refuse_existing_checkpoints
 
 BUILDERS: dict[str, Callable[[ClusterConfig, list[str]], LaunchPlan]] = {
     "local": local.build,
@@ -41,7 +44,8 @@ def build_plan(cluster: ClusterConfig, train_args: list[str], source: str = "a c
 
 
 def precheck_train(cluster: ClusterConfig, train_args: list[str]) -> None:
-    """Validate ``train CONFIG.yaml --set ...`` as the workers will see it; raises ConfigError."""
+    """Validate ``train CONFIG.yaml --set ...`` as the workers will see it, and refuse a fresh
+    start (no ``--resume``) on a run that has checkpoints, as the workers would; raises ConfigError."""
     if len(train_args) < 2 or train_args[0] != "train" or not train_args[1].endswith((".yaml", ".yml")):
         return
     if cluster.container is not None and not Path(train_args[1]).is_file():
@@ -51,6 +55,9 @@ def precheck_train(cluster: ClusterConfig, train_args: list[str]) -> None:
     overrides += [a[len("--set=") :] for a in args if a.startswith("--set=")]
     cfg = load_config(train_args[1], overrides)
     check_world_size(cfg, cluster.world_size)
+    resumes = any(a == "--resume" or a.startswith("--resume=") for a in args)
+    if not resumes and cluster.container is None:  # in a container, the run dir is the container's path
+        refuse_existing_checkpoints(cfg.run_dir / "checkpoints")
 
 
 def check_this_node(cluster: ClusterConfig, plan: LaunchPlan) -> list[str]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from moe_dist.config import load_config
+from moe_dist.training.engines import engine_for
 from moe_dist.training.run import train
 
 
 def train_main(args: Any) -> int:
     """``moe-dist train CONFIG [--set k=v ...] [--resume [PATH]]``."""
     cfg = load_config(args.config, args.set)
-    train(cfg, resume=args.resume)
+    train(cfg, engine_for(cfg), resume=args.resume)
     return 0
 
 

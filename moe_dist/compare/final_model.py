@@ -29,10 +29,10 @@ import torch
 
 from moe_dist import metrics
 from moe_dist.config import config_from_dict
-from moe_dist.data.corpus import TokenBatches, load_corpus
+from moe_dist.data.batches import TokenBatches
 from moe_dist.models import build_model
 from moe_dist.parallel.groups import ParallelGroups
-from moe_dist.training import checkpoint
+from moe_dist.training import checkpoint, checkpoint_choice
 
 
 def capacity_drops(counts_E: torch.Tensor, capacity_factor: float) -> tuple[float, float]:
@@ -56,9 +56,9 @@ def analyze_final_model(
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
     groups = ParallelGroups.single()
     model = build_model(cfg.model, groups, seed=cfg.run.seed)
-    loaded = checkpoint.load(checkpoint.choose(run_dir / "checkpoints", groups), model, None, groups)
+    loaded = checkpoint.load(checkpoint_choice.choose(run_dir / "checkpoints", groups), model, None, groups)
     model.to(device).eval()
-    batches = TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)
+    batches = TokenBatches.for_run(cfg)
     layers = model.moe_layers()
     inputs: dict[int, torch.Tensor] = {}
     hooks = [
@@ -71,11 +71,11 @@ def analyze_final_model(
     n_pes = 0
     try:
         for b in range(num_batches or cfg.eval.batches):
-            x_BS, _ = batches.val_batch(b)
-            model(x_BS.to(device))
+            batch = batches.val_batch(b).to(device)
+            model(batch.x_BS, batch.doc_BS)
             for i, layer in enumerate(layers):
                 x_TH = inputs[i].reshape(-1, layer.hidden_size).float()
-                routing = layer.router(x_TH)
+                routing = layer.gate.router(x_TH)
                 d, r = capacity_drops(routing.counts_E(), capacity_factor)
                 dropped[i] += d
                 routed[i] += r
@@ -86,7 +86,7 @@ def analyze_final_model(
                         else x_TH + routing.expert_input_delta_TH
                     )
                     pes_inputs[i].append(xe_TH[: pes_tokens - n_pes])
-            n_pes = min(pes_tokens, n_pes + x_BS.numel())
+            n_pes = min(pes_tokens, n_pes + batch.x_BS.numel())
     finally:
         for h in hooks:
             h.remove()

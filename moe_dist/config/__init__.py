@@ -1,16 +1,19 @@
-"""Typed configuration: the schema (``schema.py``) and its loading from YAML with ``--set`` overrides.
+"""Typed configuration: the schema (``schema.py``, plugin sections resolved in ``plugins.py``),
+its loading from YAML with ``--set`` overrides (``loading.py``) and its errors (``errors.py``).
 
 ``from moe_dist.config import Config, ConfigError, load_config`` is the public surface.
 """
 
+from moe_dist.config.errors import ConfigError, format_pydantic_errors
+from moe_dist.config.loading import apply_overrides, config_from_dict, config_to_dict, load_config, read_yaml
 from moe_dist.config.schema import (
     CheckpointConfig,
     Config,
-    ConfigError,
     DataConfig,
     EpTransport,
     EvalConfig,
     ExpertsConfig,
+    HFDataConfig,
     ModelConfig,
     MoEConfig,
     OptimizerConfig,
@@ -20,17 +23,11 @@ from moe_dist.config.schema import (
     Section,
     SharedExpertsConfig,
     TelemetryConfig,
-    apply_overrides,
+    TokenizerConfig,
     check_world_size,
-    config_from_dict,
-    config_to_dict,
+    cross_field_errors,
     deepspeed_engine_errors,
-    format_pydantic_errors,
-    load_config,
-    read_yaml,
-    validate_losses,
     validate_moe,
-    validate_router,
 )
 
 __all__ = [
@@ -41,6 +38,7 @@ __all__ = [
     "EpTransport",
     "EvalConfig",
     "ExpertsConfig",
+    "HFDataConfig",
     "ModelConfig",
     "MoEConfig",
     "OptimizerConfig",
@@ -50,15 +48,15 @@ __all__ = [
     "Section",
     "SharedExpertsConfig",
     "TelemetryConfig",
+    "TokenizerConfig",
     "apply_overrides",
     "check_world_size",
     "config_from_dict",
     "config_to_dict",
+    "cross_field_errors",
     "deepspeed_engine_errors",
     "format_pydantic_errors",
     "load_config",
     "read_yaml",
-    "validate_losses",
     "validate_moe",
-    "validate_router",
 ]

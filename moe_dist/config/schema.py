@@ -1,38 +1,32 @@
-"""Typed configuration: YAML in, validated objects out, every error at once with its dotted path.
+"""Typed configuration: the sections of a run, validated with every error at its dotted path.
 
 The tree mirrors the module tree: ``model.moe.router`` configures the router of every MoE layer,
-``model.moe.losses[i]`` one balancing loss. Router and loss sections are validated against the
-config class of the plugin they name (plugins bring their own options), in a second pass, so
-errors there carry full paths too: ``model.moe.router.top_k: must be <= num_experts (8), got 12``.
+``model.moe.losses[i]`` one balancing loss. Validation, in the order pydantic runs it:
+
+1. Every section checks its own fields; unknown keys are errors, not ignored.
+2. The router and loss sections are resolved to the config class of the plugin they name
+   (``plugins.py``), so ANY ``MoEConfig`` (from YAML or built in code) holds plugin config
+   objects and errors carry full paths: ``model.moe.router.top_k: ...``.
+3. ``ModelConfig`` checks its shapes, each error at its field: ``model.dim: ...``.
+4. Checks that need sizes from elsewhere are functions, run by the loader (``loading.py``) on a
+   whole ``Config`` and by the layers for configs built in code: ``validate_moe`` (the plugins'
+   checks, which need the hidden size), ``cross_field_errors`` (EP vs experts, sequence
+   lengths, schedule, engine) and ``check_world_size`` (the launch shape, known at run time).
 """
 
 from __future__ import annotations
 
-import copy
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moe_dist.balancing.base import BalancingLoss, LossConfig
+from moe_dist.config.errors import ConfigError, field_error
+from moe_dist.config.plugins import PluginLossConfig, PluginRouterConfig, default_router, plugin_errors
 from moe_dist.ops.compiled import FusedKernels
 from moe_dist.ops.cpu_matmul import CpuMatmul
-from moe_dist.registry import LOSSES, ROUTERS, UnknownPluginError
-from moe_dist.routing.base import Router, RouterConfig
 
 EpTransport = Literal["auto", "collective", "shm"]
-
-
-class ConfigError(Exception):
-    """Bad configuration; ``errors`` are ``path: message`` lines, all of them."""
-
-    def __init__(self, errors: list[str], source: str | None = None) -> None:
-        self.errors = errors
-        self.source = source
-        where = f" in {source}" if source else ""
-        super().__init__(f"invalid configuration{where}:\n" + "\n".join(f"  {e}" for e in errors))
 
 
 class Section(BaseModel):
@@ -54,12 +48,12 @@ class SharedExpertsConfig(Section):
 
 
 class MoEConfig(Section):
-    """One MoE layer. ``router`` and ``losses`` hold plugin configs (validated against the
-    class of the plugin they name by ``config_from_dict``); in YAML they are mappings."""
+    """One MoE layer. ``router`` and ``losses`` hold the config objects of the plugins they name
+    (in YAML: mappings with a ``name``), resolved when the section is validated."""
 
     num_experts: int = Field(8, ge=1)
-    router: Any = Field(default_factory=lambda: {"name": "topk_softmax"})
-    losses: list[Any] = Field(default_factory=list)
+    router: PluginRouterConfig = Field(default_factory=default_router)
+    losses: list[PluginLossConfig] = Field(default_factory=list)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     shared_experts: SharedExpertsConfig = Field(default_factory=SharedExpertsConfig)
     capacity_factor: float | None = Field(
@@ -68,32 +62,9 @@ class MoEConfig(Section):
     fused_kernels: FusedKernels = Field(
         "auto",
         description="the layer's memory-bound work (experts' activation, combine's gather-and-sum) "
-        "as compiled kernels: auto (on CUDA), compiled (also on CPU: ~19 s to compile per process) "
+        "as compiled kernels: auto (on CUDA), compiled (also on CPU, after a compile in each process) "
         "or eager",
     )
-
-    @field_validator("router")
-    @classmethod
-    def _router_is_mapping(cls, v: Any) -> Any:
-        if not isinstance(v, dict | RouterConfig):
-            raise ValueError("must be a mapping with at least a name, e.g. {name: topk_softmax, top_k: 2}")
-        return v
-
-    @field_validator("losses")
-    @classmethod
-    def _losses_are_mappings(cls, v: list[Any]) -> list[Any]:
-        for item in v:
-            if not isinstance(item, dict | LossConfig):
-                raise ValueError(
-                    "each loss must be a mapping with a name and a coef, e.g. {name: switch, coef: 0.01}"
-                )
-        return v
-
-    @property
-    def router_cfg(self) -> RouterConfig:
-        if not isinstance(self.router, RouterConfig):
-            raise RuntimeError("MoEConfig.router was not validated; build configs with config_from_dict")
-        return self.router
 
 
 class ModelConfig(Section):
@@ -101,6 +72,10 @@ class ModelConfig(Section):
     dim: int = Field(128, ge=1)
     n_layers: int = Field(2, ge=1)
     n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(
+        None, ge=1, description="key/value heads (grouped-query attention); None = n_heads"
+    )
+    qk_norm: bool = Field(False, description="RMSNorm over each head of q and k before RoPE (Qwen3)")
     max_seq_len: int = Field(256, ge=1)
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
@@ -112,12 +87,19 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
+        # Raised at the field, so the message is "model.dim: ...", not the whole section.
         if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            msg = f"must be divisible by model.n_heads ({self.n_heads})"
+            raise field_error(("dim",), "model_shape", msg, self.dim)
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head dim dim/n_heads ({self.dim // self.n_heads}) must be even for RoPE")
+            msg = f"must be a multiple of 2 * model.n_heads ({2 * self.n_heads}): RoPE needs an even head dim"
+            raise field_error(("dim",), "model_shape", msg, self.dim)
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            msg = f"must divide model.n_heads ({self.n_heads})"
+            raise field_error(("n_kv_heads",), "model_shape", msg, self.n_kv_heads)
         if self.dense_layers > self.n_layers:
-            raise ValueError(f"dense_layers ({self.dense_layers}) must be <= n_layers ({self.n_layers})")
+            msg = f"must be <= model.n_layers ({self.n_layers})"
+            raise field_error(("dense_layers",), "model_shape", msg, self.dense_layers)
         return self
 
 
@@ -130,6 +112,11 @@ class ParallelConfig(Section):
         "auto", description="token rows across EP ranks: shm (one host, gloo), collective, or auto"
     )
     timeout_s: float = Field(600.0, gt=0, description="collective timeout: a dead peer ends the job, no hang")
+    data_parallel: Literal["fsdp", "ddp", "replicate"] = Field(
+        "replicate",
+        description="native engine: fsdp (FSDP2 shards parameters, gradients, AdamW state), ddp (torch DDP),"
+        " replicate (every rank holds everything; our bucketed all-reduce)",
+    )
 
 
 class OptimizerConfig(Section):
@@ -146,15 +133,53 @@ class ScheduleConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
 
 
+class TokenizerConfig(Section):
+    kind: Literal["bytes", "hf"] = Field(
+        "bytes", description="bytes: a token per byte; hf: a tokenizers file"
+    )
+    path: str | None = Field(None, description="tokenizer.json (kind hf), e.g. from moe-dist train-tokenizer")
+
+    @model_validator(mode="after")
+    def _path_for_hf(self) -> TokenizerConfig:
+        if self.kind == "hf" and not self.path:
+            raise field_error(("path",), "tokenizer_path", "required with kind 'hf' (a tokenizer.json)", None)
+        return self
+
+
+class HFDataConfig(Section):
+    path: str = Field(description="a datasets builder (json, parquet, text, csv) or a save_to_disk directory")
+    data_files: list[str] = Field(default_factory=list, description="local files or globs for the builder")
+    text_field: str = "text"
+
+
 class DataConfig(Section):
     paths: list[str] = Field(
-        default_factory=list, description="text files, directories or globs, or .bin token files; [] = stdlib"
+        default_factory=list,
+        description="text files, directories, globs or indexed-dataset prefixes, optionally with "
+        "Megatron blend weights ([0.3, A, 0.7, B]); [] = stdlib",
     )
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    hf: HFDataConfig | None = Field(None, description="local files through datasets, cached beside the run")
+    document_mask: bool = Field(False, description="attention stops at document boundaries")
     seq_len: int = Field(128, ge=2)
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-batch")
     grad_accum: int = Field(1, ge=1)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     max_bytes: int | None = Field(None, ge=1, description="cap on corpus bytes read (None = all)")
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _weights_as_text(cls, value: object) -> object:
+        # Blend weights arrive from YAML as numbers: [0.3, A, 0.7, B].
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.hf is not None and self.paths:
+            raise field_error(("hf",), "data_source", "use data.hf or data.paths, not both", None)
+        return self
 
 
 class EvalConfig(Section):
@@ -163,8 +188,23 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     every: int = Field(0, ge=0, description="save every N steps (0 = only at the end)")
     keep: int = Field(2, ge=1)
+    format: Literal["auto", "dcp", "torch"] = Field(
+        "auto",
+        description="dcp: torch.distributed.checkpoint, a shard per rank; torch: one torch.save file on"
+        " rank 0; auto: dcp under fsdp/ddp, torch under replicate",
+    )
+    async_save: bool = Field(
+        False, alias="async", description="dcp only: write in the background, the step does not wait"
+    )
+
+    def resolved_format(self, data_parallel: str) -> Literal["dcp", "torch"]:
+        if self.format != "auto":
+            return self.format
+        return "torch" if data_parallel == "replicate" else "dcp"
 
 
 class TelemetryConfig(Section):
@@ -222,85 +262,23 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
-
-# ---------------------------------------------------------------- validation of plugin sections
-
-
-def format_pydantic_errors(exc: ValidationError, prefix: str) -> list[str]:
-    out = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "name":
-            continue  # a subclass pins its own name; the registry lookup already chose the class
-        if "input" in err and err["type"] not in ("extra_forbidden", "missing"):
-            msg = f"{msg}, got {err['input']!r}"
-        out.append(f"{loc}: {msg}")
-    return out
+    @property
+    def run_dir(self) -> Path:
+        """Where the run writes its logs and checkpoints: ``run.out_dir / run.name``."""
+        return Path(self.run.out_dir) / self.run.name
 
 
-def validate_router(raw: dict[str, Any], hidden: int, num_experts: int, prefix: str) -> tuple[Any, list[str]]:
-    """Validate a router section against its plugin's config class; (config or None, errors)."""
-    name = raw.get("name", RouterConfig.model_fields["name"].default)
-    try:
-        cls: type[Router] = ROUTERS.get(name)
-    except (UnknownPluginError, ImportError) as exc:
-        return None, [f"{prefix}.name: {exc}"]
-    try:
-        cfg = cls.Config.model_validate({**raw, "name": name})
-    except ValidationError as exc:
-        return None, format_pydantic_errors(exc, prefix)
-    return cfg, [f"{prefix}.{m}" for m in cls.validate_config(cfg, hidden, num_experts)]
-
-
-def validate_losses(
-    raws: list[dict[str, Any]], router_cls: type[Router] | None, num_experts: int, prefix: str
-) -> tuple[list[Any], list[str]]:
-    configs, errors = [], []
-    for i, raw in enumerate(raws):
-        where = f"{prefix}.{i}"
-        if not isinstance(raw, dict) or "name" not in raw:
-            errors.append(f"{where}.name: required (one of {', '.join(LOSSES.names())})")
-            continue
-        try:
-            cls: type[BalancingLoss] = LOSSES.get(raw["name"])
-        except (UnknownPluginError, ImportError) as exc:
-            errors.append(f"{where}.name: {exc}")
-            continue
-        try:
-            cfg = cls.Config.model_validate(raw)
-        except ValidationError as exc:
-            errors.extend(format_pydantic_errors(exc, where))
-            continue
-        if router_cls is not None:
-            errors.extend(f"{where}.{m}" for m in cls.validate_config(cfg, router_cls, num_experts))
-        configs.append(cfg)
-    return configs, errors
-
-
-def _as_raw(section: Any) -> dict[str, Any]:
-    if isinstance(section, BaseModel):
-        return section.model_dump(mode="json")
-    return dict(section)
+# ---------------------------------------------------------------- checks that need sizes from elsewhere
 
 
 def validate_moe(moe: MoEConfig, hidden: int, prefix: str = "model.moe") -> list[str]:
-    """Swap the raw plugin sections of ``moe`` for validated plugin configs; returns errors."""
-    router_cfg, errors = validate_router(_as_raw(moe.router), hidden, moe.num_experts, f"{prefix}.router")
-    router_cls = ROUTERS.get(router_cfg.name) if router_cfg is not None else None
-    loss_cfgs, loss_errors = validate_losses(
-        [_as_raw(x) for x in moe.losses], router_cls, moe.num_experts, f"{prefix}.losses"
-    )
-    errors += loss_errors
-    if not errors:
-        object.__setattr__(moe, "router", router_cfg)
-        object.__setattr__(moe, "losses", loss_cfgs)
-    return errors
+    """The plugins' checks that need the hidden size or another plugin (``top_k <= num_experts``,
+    SimBal needs a router weight, ...); returns ``path: message`` lines, empty when fine."""
+    return plugin_errors(moe.router, list(enumerate(moe.losses)), hidden, moe.num_experts, prefix)
 
 
-def _cross_checks(cfg: Config) -> list[str]:
+def cross_field_errors(cfg: Config) -> list[str]:
+    """Checks across sections of a whole config; ``path: message`` lines."""
     errors = []
     moe, par = cfg.model.moe, cfg.parallel
     if moe.num_experts % par.ep_size:
@@ -315,6 +293,14 @@ def _cross_checks(cfg: Config) -> list[str]:
         errors.append(f"schedule.warmup_steps: must be <= schedule.steps ({cfg.schedule.steps})")
     if par.engine == "deepspeed":
         errors += deepspeed_engine_errors(cfg)
+    elif cfg.checkpoint.async_save and cfg.checkpoint.resolved_format(par.data_parallel) != "dcp":
+        errors.append(
+            "checkpoint.async: needs checkpoint.format dcp (torch.save writes on rank 0 in the step)"
+        )
+    if par.data_parallel == "fsdp" and cfg.checkpoint.format == "torch":
+        errors.append(
+            "checkpoint.format: torch gathers the whole model on rank 0; under fsdp use dcp (or auto)"
+        )
     return errors
 
 
@@ -324,6 +310,13 @@ def deepspeed_engine_errors(cfg: Config) -> list[str]:
     errors = []
     if cfg.parallel.zero_stage == 3:
         errors.append("parallel.zero_stage: DeepSpeed MoE layers do not support ZeRO stage 3 (use 0, 1 or 2)")
+    if cfg.parallel.data_parallel != "replicate":
+        errors.append(
+            f"parallel.data_parallel: {cfg.parallel.data_parallel} is the native engine's; DeepSpeed shards"
+            " with parallel.zero_stage (use replicate)"
+        )
+    if cfg.checkpoint.format == "dcp" or cfg.checkpoint.async_save:
+        errors.append("checkpoint.format: DeepSpeed writes its own checkpoint files (no dcp, no async)")
     return errors
 
 
@@ -337,106 +330,10 @@ def check_world_size(cfg: Config, world_size: int) -> None:
                 f"{cfg.parallel.ep_size}, or set parallel.ep_size)"
             ]
         )
-
-
-# ---------------------------------------------------------------- loading, overrides
-
-
-def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
-    """Apply ``a.b.c=value`` overrides in place (values parsed as YAML); returns errors."""
-    errors = []
-    for item in overrides:
-        if "=" not in item:
-            errors.append(f"--set {item!r}: expected KEY=VALUE, e.g. model.moe.num_experts=16")
-            continue
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = data
-        for j, part in enumerate(parts[:-1]):
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-                continue
-            if not isinstance(node, dict):
-                errors.append(f"--set {key}: {'.'.join(parts[:j])} is not a section")
-                break
-            node = node.setdefault(part, {})
-        else:
-            last = parts[-1]
-            if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-                node[int(last)] = _parse_scalar(value)
-            elif isinstance(node, dict):
-                node[last] = _parse_scalar(value)
-            else:
-                errors.append(f"--set {key}: {'.'.join(parts[:-1])} is not a section")
-    return errors
-
-
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file not found: {p}"])
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source=str(p)) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source=str(p))
-    return data
-
-
-def _without(data: Any, locs: list[tuple[Any, ...]]) -> Any:
-    """A deep copy of ``data`` with the values at ``locs`` removed (their defaults then apply)."""
-    data = copy.deepcopy(data)
-    for loc in locs:
-        node = data
-        for part in loc[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(loc[-1], None)
-    return data
-
-
-def _second_pass_errors(data: dict[str, Any], exc: ValidationError) -> list[str]:
-    """Plugin and cross-field errors of a config whose first pass failed, so that all errors show
-    at once: the invalid values are dropped (defaults stand in) and the rest is checked. A check
-    that reads a dropped value is left out, so a default never causes an error of its own."""
-    locs = [tuple(e["loc"]) for e in exc.errors()]
-    dropped = [".".join(str(p) for p in loc) for loc in locs]
-    try:
-        cfg = Config.model_validate(_without(data, locs))
-    except (ValidationError, TypeError, ValueError):
-        return []  # nested structural errors: already reported by the first pass
-    sizes = ("model", "model.moe", "model.moe.num_experts")
-    errors = [] if any(d in sizes for d in dropped) else validate_moe(cfg.model.moe, cfg.model.dim)
-    return errors + [m for m in _cross_checks(cfg) if not any(d in m for d in dropped)]
-
-
-def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_pydantic_errors(exc, "") + _second_pass_errors(data, exc), source) from None
-    errors = validate_moe(cfg.model.moe, cfg.model.dim) + _cross_checks(cfg)
-    if errors:
-        raise ConfigError(errors, source)
-    return cfg
-
-
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
-    data = read_yaml(path) if path is not None else {}
-    errors = apply_overrides(data, overrides or [])
-    if errors:
-        raise ConfigError(errors, str(path) if path else None)
-    return config_from_dict(data, str(path) if path else None)
-
-
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """A plain dict that round-trips through YAML and ``config_from_dict``."""
-    return cfg.model_dump(mode="json")
+    if cfg.parallel.data_parallel == "fsdp" and world_size == 1:
+        raise ConfigError(
+            [
+                "parallel.data_parallel: fsdp shards over the data-parallel ranks, and a single process has"
+                " none to shard over (start 2 or more processes, or use replicate)"
+            ]
+        )

@@ -1,29 +1,30 @@
-"""Byte-level training data: a corpus of tokens, split into train and validation, sampled per rank.
+"""Training corpora: the sources ``data`` names, each a token stream with its document bounds.
 
-Tokens are bytes (vocabulary 256): nothing to download, nothing to train. Sources, in order:
+Sources (``load_corpus``), one ``Corpus`` per blend entry:
 
-- ``data.paths: []``: the Python standard library's own source (``*.py`` under
+- ``data.paths: []`` and no ``data.hf``: the Python standard library's own source (``*.py`` under
   ``sysconfig.get_paths()["stdlib"]``, sorted, without site-packages), capped at ``data.max_bytes``.
-- text files, directories (every non-hidden file below, sorted) and globs, concatenated.
-- one token file ``NAME.bin`` with its header ``NAME.bin.json`` (``moe-dist prepare-data`` writes
-  them; uint8 or uint16 tokens), memory-mapped, for corpora larger than memory.
+- text files, directories (every non-hidden file below, sorted) and globs: one document per file,
+  tokenized by ``data.tokenizer`` (bytes: joined as they are; a BPE: EOS after each file).
+- Megatron indexed datasets, named by their ``PREFIX`` (``PREFIX.bin`` + ``PREFIX.idx``, as
+  ``moe-dist prepare-data`` or Megatron-LM's ``preprocess_data.py`` write them), memory-mapped.
+- ``data.hf``: local files through Hugging Face ``datasets``, tokenized once into an indexed
+  dataset cached in the run's ``data_cache/`` (``hf_source``).
+
+Blend: Megatron's ``--data-path`` syntax, ``[0.3, A, 0.7, B]`` (or ``"0.3 A"`` entries): every
+entry its own corpus, sampled with its weight. Without weights all text entries form one
+corpus and each indexed dataset another, weighted by their token counts (as if concatenated).
 
 Split: text corpora are split by file: a file is validation when a hash of its name falls in
 the first ``data.val_fraction`` of the hash range (whole files, the same distribution as
-training). When that leaves either side shorter than a sequence (one file, few files) and for
-token files, the last ``data.val_fraction`` of the tokens is validation (a fixed byte split).
-
-Sampling: the batch of (step, micro-batch, rank) starts at offsets drawn from a generator seeded
-by ``(seed, step, micro, rank)``: every rank reads different batches, no state is kept, and a
-resumed run gets exactly the batches it would have had. The rank is the global rank: the ranks
-of an EP group process different tokens too (EP is carved out of data parallelism), so EP=2 and
-EP=1 (DP=2) on the same 2 ranks see the same data.
+training). Indexed and ``datasets`` corpora are split by document: the last
+``data.val_fraction`` of the documents. When that leaves either side shorter than a sequence
+(one file, few documents) the last ``data.val_fraction`` of the tokens is validation.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sysconfig
 import zlib
@@ -31,25 +32,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from moe_dist.config import DataConfig
-
-HEADER_FORMAT = "moe_dist.tokens"
-HEADER_VERSION = 1
-_VAL_STREAM = 1 << 30  # seeds validation batches apart from any training step
-
-
-class DataError(Exception):
-    """Unusable data (bad path, empty or too short corpus); the message names the path."""
+from moe_dist.data.errors import DataError
+from moe_dist.data.indexed_dataset import IndexedTokens, is_indexed_prefix, read_indexed
+from moe_dist.data.tokenizer import Tokenizer, check_model_vocab, load_tokenizer
 
 
 @dataclass
 class Corpus:
-    tokens: np.ndarray  # 1-D uint8/uint16, maybe a memmap
+    """One token stream: ``tokens`` (1-D, maybe a memmap), ``doc_bounds`` (``int64[D + 1]``
+    document start offsets, ``len(tokens)`` last), and where validation starts if the source
+    decides it (whole validation files at the end of a text corpus)."""
+
+    tokens: np.ndarray
+    doc_bounds: np.ndarray
     source: str  # what was read, for messages
-    vocab_size: int = 256
-    val_start: int | None = None  # tokens[val_start:] are whole validation files (text corpora)
+    vocab_size: int | None  # the tokenizer's, when this corpus was tokenized here
+    val_start: int | None = None
+    weight: float | None = None  # blend weight; None = by token count
+    indexed: bool = False  # ids written elsewhere: checked against model.vocab_size at load
 
 
 def stdlib_files() -> list[Path]:
@@ -86,9 +88,54 @@ def is_validation_file(path: Path, val_fraction: float) -> bool:
     return zlib.crc32(path.name.encode()) % 1_000_000 < val_fraction * 1_000_000
 
 
-def _read_files(files: list[Path], max_bytes: int | None, val_fraction: float, source: str) -> Corpus:
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_blend(paths: list[str]) -> list[tuple[float | None, str]]:
+    """``data.paths`` as (weight, entry) pairs: Megatron's flat ``[w1, p1, w2, p2]`` or ``"w p"``."""
+    out: list[tuple[float | None, str]] = []
+    i = 0
+    while i < len(paths):
+        entry, weight = paths[i], _number(paths[i])
+        if weight is not None:
+            if i + 1 == len(paths):
+                raise DataError(f"data.paths: weight {entry} is not followed by a path")
+            out.append((weight, paths[i + 1]))
+            i += 2
+            continue
+        head, _, rest = entry.partition(" ")
+        weight = _number(head)
+        out.append((weight, rest.strip()) if weight is not None and rest.strip() else (None, entry))
+        i += 1
+    weights = [w for w, _ in out]
+    if any(w is None for w in weights) and any(w is not None for w in weights):
+        raise DataError(f"data.paths: give every entry a weight or none, got {paths}")
+    if any(w is not None and w <= 0 for w in weights):
+        raise DataError(f"data.paths: blend weights must be > 0, got {paths}")
+    return out
+
+
+def indexed_prefix(spec: str) -> str | None:
+    """The ``PREFIX`` of an indexed-dataset entry (``PREFIX``, ``PREFIX.bin``, ``PREFIX.idx``), or None."""
+    expanded = os.path.expanduser(spec)
+    if expanded.endswith((".bin", ".idx")):
+        return expanded[:-4]
+    if Path(expanded).exists() or any(c in spec for c in "*?["):
+        return None
+    return expanded if is_indexed_prefix(expanded) else None
+
+
+def _read_files(
+    files: list[Path], tokenizer: Tokenizer, max_bytes: int | None, val_fraction: float, source: str
+) -> Corpus:
     """Read files in order up to ``max_bytes``; training files first, then validation files."""
-    chunks, val_chunks, total = [], [], 0
+    train: list[bytes] = []
+    val: list[bytes] = []
+    total = 0
     for f in files:
         try:
             data = f.read_bytes()
@@ -96,134 +143,89 @@ def _read_files(files: list[Path], max_bytes: int | None, val_fraction: float, s
             raise DataError(f"data.paths: cannot read {str(f)!r}: {exc.strerror}") from None
         if max_bytes is not None:
             data = data[: max_bytes - total]
-        (val_chunks if is_validation_file(f, val_fraction) else chunks).append(data)
+        (val if is_validation_file(f, val_fraction) else train).append(data)
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             break
-    train = b"".join(chunks)
-    tokens = np.frombuffer(train + b"".join(val_chunks), dtype=np.uint8)
-    return Corpus(tokens=tokens, source=source, val_start=len(train))
+    docs = train + val
+    if tokenizer.eos_id is None:  # bytes: the files' bytes as they are
+        parts = [np.frombuffer(d, dtype=np.uint8) for d in docs]
+    else:
+        encoded = tokenizer.encode_batch([d.decode("utf-8", errors="replace") for d in docs])
+        parts = [np.asarray(ids + [tokenizer.eos_id], dtype=np.int32) for ids in encoded]
+    bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)])
+    tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return Corpus(tokens, bounds, source, tokenizer.vocab_size, val_start=int(bounds[len(train)]))
 
 
-def read_token_file(path: Path) -> Corpus:
-    """Memory-map a ``.bin`` token file after checking its JSON header."""
-    header_path = Path(str(path) + ".json")
-    if not header_path.is_file():
-        raise DataError(f"data.paths: token file {str(path)!r} has no header {str(header_path)!r}")
-    try:
-        header = json.loads(header_path.read_text())
-        dtype = np.dtype(header["dtype"])
-        num_tokens, vocab = int(header["num_tokens"]), int(header["vocab_size"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"data.paths: bad header {str(header_path)!r}: {exc}") from None
-    if header.get("format") != HEADER_FORMAT or dtype not in (np.uint8, np.uint16):
-        raise DataError(f"data.paths: {str(header_path)!r} is not a moe_dist token header (uint8/uint16)")
-    expected = num_tokens * dtype.itemsize
-    if path.stat().st_size != expected:
-        raise DataError(
-            f"data.paths: {str(path)!r} has {path.stat().st_size} bytes, "
-            f"its header says {expected} (truncated?)"
+def _from_indexed(data: IndexedTokens, source: str, max_bytes: int | None) -> Corpus:
+    tokens, bounds = data.tokens, data.doc_bounds
+    if max_bytes is not None and max_bytes // tokens.itemsize < len(tokens):
+        tokens = tokens[: max_bytes // tokens.itemsize]
+        bounds = np.append(bounds[bounds < len(tokens)], len(tokens))
+    return Corpus(tokens, bounds, source, vocab_size=None, indexed=True)
+
+
+def _load_entries(cfg: DataConfig, tokenizer: Tokenizer) -> list[Corpus]:
+    blend = parse_blend(cfg.paths)
+    weighted = blend[0][0] is not None
+    corpora: list[Corpus] = []
+    text_specs: list[str] = []
+    for weight, spec in blend:
+        prefix = indexed_prefix(spec)
+        if prefix is not None:
+            corpora.append(_from_indexed(read_indexed(prefix), f"{prefix}.bin", cfg.max_bytes))
+            corpora[-1].weight = weight
+            if tokenizer.eos_id is not None:  # a tokenizer named: the model must cover its vocabulary
+                corpora[-1].vocab_size = tokenizer.vocab_size
+        elif weighted:
+            files = expand_paths(spec)
+            corpora.append(_read_files(files, tokenizer, cfg.max_bytes, cfg.val_fraction, spec))
+            corpora[-1].weight = weight
+        else:
+            text_specs.append(spec)
+    if text_specs:  # unweighted text entries: one corpus, as if one directory
+        files = [f for spec in text_specs for f in expand_paths(spec)]
+        corpora.insert(
+            0, _read_files(files, tokenizer, cfg.max_bytes, cfg.val_fraction, ", ".join(text_specs))
         )
-    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,)) if num_tokens else np.zeros(0, dtype)
-    return Corpus(tokens=tokens, source=str(path), vocab_size=vocab)
+    return corpora
 
 
-def check_paths(cfg: DataConfig) -> None:
-    """Raise ``DataError`` for a ``data.paths`` entry that names nothing (reads no data)."""
-    for spec in cfg.paths:
-        if spec.endswith(".bin"):
-            p = Path(spec).expanduser()
-            if not p.is_file():
-                raise DataError(f"data.paths: {spec!r} does not exist")
-            read_token_file(p)
+def load_corpus(cfg: DataConfig, cache_dir: Path | None = None) -> list[Corpus]:
+    """Every corpus ``cfg`` names; ``cache_dir`` holds the ``data.hf`` cache (required with it)."""
+    tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+    if cfg.hf is not None:
+        from moe_dist.data.hf_source import load_hf
+
+        if cache_dir is None:
+            raise DataError("data.hf: needs a cache directory (the run directory)")
+        data, cached = load_hf(cfg.hf, tokenizer, cache_dir)
+        source = f"data.hf {cfg.hf.path} ({'cached' if cached else 'tokenized'} at {data.prefix})"
+        corpus = _from_indexed(data, source, cfg.max_bytes)
+        corpus.vocab_size = tokenizer.vocab_size
+        return [corpus]
+    if cfg.paths:
+        return _load_entries(cfg, tokenizer)
+    files = stdlib_files()
+    source = f"Python standard library ({sysconfig.get_paths()['stdlib']})"
+    if not files:
+        raise DataError(f"data.paths: empty, and no *.py files under {source}; set data.paths")
+    return [_read_files(files, tokenizer, cfg.max_bytes, cfg.val_fraction, source)]
+
+
+def check_paths(cfg: DataConfig, model_vocab_size: int) -> None:
+    """Raise ``DataError`` for a tokenizer (or one larger than ``model.vocab_size``) or a ``data``
+    entry that names nothing; reads no text."""
+    tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+    check_model_vocab(tokenizer.vocab_size, model_vocab_size, tokenizer.name)
+    for _, spec in parse_blend(cfg.paths):
+        prefix = indexed_prefix(spec)
+        if prefix is not None:
+            read_indexed(prefix)
         else:
             expand_paths(spec)
+    if cfg.hf is not None:
+        from moe_dist.data.hf_source import input_files
 
-
-def load_corpus(cfg: DataConfig) -> Corpus:
-    if not cfg.paths:
-        files = stdlib_files()
-        source = f"Python standard library ({sysconfig.get_paths()['stdlib']})"
-        if not files:
-            raise DataError(f"data.paths: empty, and no *.py files under {source}; set data.paths")
-        return _read_files(files, cfg.max_bytes, cfg.val_fraction, source)
-    bins = [p for p in cfg.paths if p.endswith(".bin")]
-    if bins:
-        if len(cfg.paths) != 1:
-            raise DataError(f"data.paths: a .bin token file must be the only entry, got {cfg.paths}")
-        p = Path(bins[0]).expanduser()
-        if not p.is_file():
-            raise DataError(f"data.paths: {bins[0]!r} does not exist")
-        corpus = read_token_file(p)
-        if cfg.max_bytes is not None:
-            corpus.tokens = corpus.tokens[: cfg.max_bytes // corpus.tokens.itemsize]
-        return corpus
-    files = [f for spec in cfg.paths for f in expand_paths(spec)]
-    return _read_files(files, cfg.max_bytes, cfg.val_fraction, ", ".join(cfg.paths))
-
-
-class TokenBatches:
-    """Train/validation batches of ``[B, S]`` inputs and next-token targets for one rank."""
-
-    def __init__(self, corpus: Corpus, cfg: DataConfig, seed: int, vocab_size: int) -> None:
-        n, need = len(corpus.tokens), cfg.seq_len + 1
-        if n == 0:
-            raise DataError(f"data.paths: corpus {corpus.source} is empty")
-        if corpus.vocab_size > vocab_size:
-            raise DataError(
-                f"data.paths: {corpus.source} has vocab_size {corpus.vocab_size} "
-                f"> model.vocab_size ({vocab_size})"
-            )
-        split = corpus.val_start
-        if split is None or min(split, n - split) < need:  # no file split (or too few files): bytes
-            split = n - int(n * cfg.val_fraction)
-        self.train, self.val = corpus.tokens[:split], corpus.tokens[split:]
-        for name, part in (("training", self.train), ("validation", self.val)):
-            if len(part) < need:
-                raise DataError(
-                    f"data.paths: corpus {corpus.source} too short: its {name} split has {len(part)} tokens, "
-                    f"need at least data.seq_len + 1 = {need} (add data or lower data.seq_len)"
-                )
-        self.cfg, self.seed, self.source = cfg, seed, corpus.source
-
-    def _batch(self, tokens: np.ndarray, key: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        S, B = self.cfg.seq_len, self.cfg.micro_batch_size
-        starts = np.random.default_rng(key).integers(0, len(tokens) - S, size=B)
-        rows = np.stack([np.asarray(tokens[s : s + S + 1], dtype=np.int64) for s in starts])
-        xy = torch.from_numpy(rows)
-        return xy[:, :-1], xy[:, 1:]
-
-    def train_batch(self, step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._batch(self.train, [self.seed, step, micro, rank])
-
-    def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validation batch ``index`` of a fixed set, the same whatever the world size."""
-        return self._batch(self.val, [self.seed, _VAL_STREAM, index])
-
-
-# ---------------------------------------------------------------- moe-dist prepare-data
-
-
-def write_token_file(files: list[Path], out: Path, dtype: str = "uint8") -> dict:
-    """Concatenate the bytes of ``files`` into ``out`` (+ ``out.json`` header), streaming."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np_dtype = np.dtype(dtype)
-    tmp = out.with_name(out.name + ".tmp")
-    count = 0
-    with open(tmp, "wb") as fh:
-        for f in files:
-            data = np.frombuffer(f.read_bytes(), dtype=np.uint8)
-            fh.write(data.astype(np_dtype).tobytes())
-            count += len(data)
-    header = {
-        "format": HEADER_FORMAT,
-        "version": HEADER_VERSION,
-        "dtype": np_dtype.name,
-        "vocab_size": 256,
-        "num_tokens": count,
-        "tokenizer": "bytes",
-        "sources": [str(f) for f in files[:1000]],
-    }
-    os.replace(tmp, out)
-    Path(str(out) + ".json").write_text(json.dumps(header, indent=1) + "\n")
-    return header
+        input_files(cfg.hf.path, list(cfg.hf.data_files))

@@ -12,7 +12,8 @@ Why ``protect_gate_keys``: DeepSpeed's MoE checkpoint treats every state-dict ke
 number after ``deepspeed_experts.``; keys of ours that merely contain the word (the DeepSeek
 router's ``expert_bias_E``, ``shared_experts.*``) would make it fail. They are renamed on the
 way out ("expert" -> "EXPERT") and back on the way in, so DeepSpeed keeps them with the rest
-of the module.
+of the module. On the way in, a version-1 checkpoint's ``gate.plugin.*`` keys also become today's
+``gate.gate.*``.
 
 Resuming needs the same world size and EP size: DeepSpeed's optimizer files are per rank.
 """
@@ -25,10 +26,13 @@ from typing import Any
 from torch import nn
 
 from moe_dist.parallel.groups import ParallelGroups
-from moe_dist.training.checkpoint import CheckpointError, Loaded, read_meta, restore_rng, save_files
+from moe_dist.training.checkpoint import Loaded, restore_rng, save_files
+from moe_dist.training.checkpoint_choice import CheckpointError, read_meta
 
 _EXPERT_WEIGHTS = "deepspeed_moe.experts."  # DeepSpeed's own expert weights: left as they are
 _WORD, _MASK = "expert", "EXPERT"
+# Checkpoint format version 1 named the gate's routing stage "plugin" (now the `Gate`, "gate").
+_V1_GATE, _GATE = "deepspeed_moe.gate.plugin.", "deepspeed_moe.gate.gate."
 
 
 def protect_gate_keys(moe: nn.Module) -> None:
@@ -43,6 +47,8 @@ def protect_gate_keys(moe: nn.Module) -> None:
     def on_load(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
         for key in [k for k in state if k.startswith(prefix) and _MASK in k[len(prefix) :]]:
             state[prefix + key[len(prefix) :].replace(_MASK, _WORD)] = state.pop(key)
+        for key in [k for k in state if k.startswith(prefix + _V1_GATE)]:
+            state[prefix + _GATE + key[len(prefix + _V1_GATE) :]] = state.pop(key)
 
     moe.register_state_dict_post_hook(on_save)
     moe.register_load_state_dict_pre_hook(on_load)

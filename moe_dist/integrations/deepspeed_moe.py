@@ -11,8 +11,8 @@ Three lines in a DeepSpeed user's model::
 
 `MoeDistGate` is a ``TopKGate`` that DeepSpeed's ``MOELayer`` calls like its own:
 
-1. Route with the registered router and compute every balancing loss (`PluginRouting`: the
-   native ``MoELayer``'s maths and statistics).
+1. Route with the registered router and compute every balancing loss (its `Gate`, ``gate.gate``:
+   the native ``MoELayer``'s maths and statistics).
 2. Capacity, as ``TopKGate`` computes it: with ``drop_tokens`` ``C = max(ceil(T / E * cf * K),
    min_capacity)`` (``cf`` = ``capacity_factor`` in training, ``eval_capacity_factor`` in eval);
    without, ``C`` = the largest per-expert count over the EP group (an all-reduce MAX, as
@@ -28,7 +28,7 @@ Three lines in a DeepSpeed user's model::
    exp_counts_E)`` with ``-1`` indices for dropped/unused slots.
 
 ``l_aux`` is the sum of the coefficient-weighted terms (each loss's ``coef`` is already applied;
-add it to the loss as it is); the terms by name are in ``gate.plugin.last_aux`` and, with their
+add it to the loss as it is); the terms by name are in ``gate.gate.last_aux`` and, with their
 graph, in ``moe.aux_terms`` after a forward of the MoE that `build_deepspeed_moe` returns.
 
 Routers that change the experts' input (LPR's ``expert_input_delta_TH``) need that MoE: its
@@ -48,11 +48,11 @@ from deepspeed.moe.sharded_moe import TopKGate
 from deepspeed.utils import groups as ds_groups
 from torch import nn
 
-from moe_dist.config import ConfigError, ExpertsConfig, MoEConfig, validate_moe
-from moe_dist.integrations.plugin_routing import PluginRouting
+from moe_dist.config import ExpertsConfig, MoEConfig
 from moe_dist.layers.experts import SharedExperts
+from moe_dist.layers.gate import Gate
 from moe_dist.ops.slot_sort import sort_slots
-from moe_dist.routing.base import RouterConfig, Routing
+from moe_dist.routing.base import Routing
 
 
 def deepspeed_capacity(
@@ -83,7 +83,8 @@ def slot_locations(
 class MoeDistGate(TopKGate):
     """A ``TopKGate`` running a registered moe_dist router and losses (see the module docstring).
 
-    The gate's parameters are the router's (``gate.plugin.router``); ``TopKGate``'s ``wg`` is removed.
+    The gate's parameters are the router's (``gate.gate.router``); ``TopKGate``'s ``wg`` is removed.
+    ``ep_size``: the EP size the experts are sharded over (the EP group, when it is set, says it again).
     """
 
     def __init__(
@@ -96,12 +97,14 @@ class MoeDistGate(TopKGate):
         drop_tokens: bool = True,
         ep_group: Any = None,
         sequence_first: bool = False,
+        ep_size: int = 1,
     ) -> None:
-        plugin = PluginRouting(cfg, hidden_size)
+        # Global counts over the default group (DP x EP), set up by deepspeed.initialize.
+        gate = Gate(cfg, hidden_size, ep_size=ep_size, sequence_first=sequence_first, kept_counts=True)
         super().__init__(
             hidden_size,
             cfg.num_experts,
-            k=plugin.top_k,
+            k=gate.top_k,
             capacity_factor=capacity_factor,
             eval_capacity_factor=eval_capacity_factor,
             min_capacity=min_capacity,
@@ -112,8 +115,7 @@ class MoeDistGate(TopKGate):
             top2_2nd_expert_sampling=False,
         )
         del self.wg  # the router owns the gate weight
-        self.plugin = plugin
-        self.sequence_first = sequence_first
+        self.gate = gate
         self._pre_routed: tuple[Routing, dict[str, torch.Tensor]] | None = None
         if ep_group is not None:
             self._set_ep_group(ep_group)
@@ -121,18 +123,13 @@ class MoeDistGate(TopKGate):
     def _set_ep_group(self, ep_group: Any) -> None:
         super()._set_ep_group(ep_group)
         if ep_group is not None and dist.is_initialized():
-            plugin = self.plugin
-            plugin.ep_size = dist.get_world_size(ep_group)
-            plugin.num_local_experts = plugin.num_experts // plugin.ep_size
-            plugin.received_per_local_expert_e = plugin.tokens_per_expert_E.new_zeros(
-                plugin.num_local_experts
-            )
+            self.gate.set_ep_size(dist.get_world_size(ep_group))
 
     def route(
         self, x_TH: torch.Tensor, batch_size: int, seq_len: int
     ) -> tuple[Routing, dict[str, torch.Tensor]]:
         """Route ahead of DeepSpeed's ``MOELayer`` (the next gate call uses this result)."""
-        self._pre_routed = self.plugin(x_TH, batch_size, seq_len, self.sequence_first)
+        self._pre_routed = self.gate(x_TH, batch_size, seq_len)
         return self._pre_routed
 
     def forward(  # type: ignore[override]
@@ -150,14 +147,14 @@ class MoeDistGate(TopKGate):
             if routing.experts_TK.shape[0] != T:
                 raise RuntimeError(f"MoeDistGate: pre-routed {routing.experts_TK.shape[0]} tokens, got {T}")
         else:
-            routing, aux = self.plugin(input, 1, T)
+            routing, aux = self.gate(input, 1, T)
             if routing.expert_input_delta_TH is not None:
                 raise RuntimeError(
-                    f"MoeDistGate: router {self.plugin.router.registry_name!r} changes the experts' input; "
+                    f"MoeDistGate: router {self.gate.router.registry_name!r} changes the experts' input; "
                     "use the MoE from moe_dist.integrations.deepspeed_moe.build_deepspeed_moe, "
                     "which applies it"
                 )
-        E, K = self.plugin.num_experts, routing.experts_TK.shape[1]
+        E, K = self.gate.num_experts, routing.experts_TK.shape[1]
         experts_TK, weights_TK = routing.experts_TK, routing.weights_TK.float()
         if used_token is not None:
             unused_T1 = used_token.reshape(T, 1) == 0
@@ -175,7 +172,7 @@ class MoeDistGate(TopKGate):
         kept_S, location_S, kept_counts_E = slot_locations(
             experts_TK.reshape(-1), weights_TK.reshape(-1), E, capacity if self.drop_tokens else None
         )
-        self.plugin.record_kept(kept_counts_E.float(), valid_S.sum() - kept_S.sum())
+        self.gate.record_kept(kept_counts_E.float(), valid_S.sum() - kept_S.sum())
         l_aux = sum(aux.values(), torch.zeros((), device=input.device))
         kept_TK, location_TK = kept_S.view(T, K), location_S.view(T, K)
         gates_TK = torch.where(kept_TK, weights_TK, torch.zeros_like(weights_TK))
@@ -287,7 +284,7 @@ class MoeDistDeepSpeedMoE(MoE):
         H = hidden_states.shape[-1]
         if hidden_states.dim() == 3:
             lead = hidden_states.shape[:2]
-            B, S = (lead[1], lead[0]) if gate.sequence_first else (lead[0], lead[1])
+            B, S = (lead[1], lead[0]) if gate.gate.sequence_first else (lead[0], lead[1])
         else:
             B, S = 1, hidden_states.numel() // H
         # 1. route
@@ -334,21 +331,26 @@ def build_deepspeed_moe(
     - The gate is installed before any parallelism is set: ``deepspeed.initialize`` (or
       ``moe.set_deepspeed_parallelism()``) then gives it the EP group, as for ``TopKGate``.
     """
-    if not isinstance(moe_cfg.router, RouterConfig):
-        errors = validate_moe(moe_cfg, hidden, prefix="moe")
-        if errors:
-            raise ConfigError(errors)
-    if moe_cfg.num_experts % ep_size:
-        raise ConfigError([f"ep_size: must divide moe.num_experts ({moe_cfg.num_experts}), got {ep_size}"])
     cf = capacity_factor if capacity_factor is not None else moe_cfg.capacity_factor
     eval_cf = eval_capacity_factor if eval_capacity_factor is not None else cf
+    # The gate first: it validates moe_cfg (and that ep_size divides the experts) for the MoE.
+    gate = MoeDistGate(
+        moe_cfg,
+        hidden,
+        capacity_factor=cf or 1.0,
+        eval_capacity_factor=eval_cf or 1.0,
+        min_capacity=min_capacity,
+        drop_tokens=cf is not None,
+        sequence_first=sequence_first,
+        ep_size=ep_size,
+    )
     expert = expert if expert is not None else ExpertMLP.from_config(moe_cfg.experts, hidden)
     moe = MoeDistDeepSpeedMoE(
         hidden,
         expert,
         num_experts=moe_cfg.num_experts,
         ep_size=ep_size,
-        k=moe_cfg.router_cfg.top_k,
+        k=moe_cfg.router.top_k,
         capacity_factor=cf or 1.0,
         eval_capacity_factor=eval_cf or 1.0,
         min_capacity=min_capacity,
@@ -357,15 +359,7 @@ def build_deepspeed_moe(
         use_rts=False,
         top2_2nd_expert_sampling=False,
     )
-    moe.deepspeed_moe.gate = MoeDistGate(
-        moe_cfg,
-        hidden,
-        capacity_factor=cf or 1.0,
-        eval_capacity_factor=eval_cf or 1.0,
-        min_capacity=min_capacity,
-        drop_tokens=cf is not None,
-        sequence_first=sequence_first,
-    )
+    moe.deepspeed_moe.gate = gate
     sh = moe_cfg.shared_experts
     moe.shared_experts = (
         SharedExperts(sh.count, hidden, sh.ffn_hidden_size, init_std=moe_cfg.experts.init_std)
@@ -382,7 +376,7 @@ def copy_from_native(moe: MoeDistDeepSpeedMoE, layer: nn.Module) -> None:
     Both place global expert ``ep_rank * e + i`` at local index ``i``, so local copies local.
     """
     gate: MoeDistGate = moe.deepspeed_moe.gate  # type: ignore[assignment]
-    gate.plugin.router.load_state_dict(layer.router.state_dict())
+    gate.gate.router.load_state_dict(layer.gate.router.state_dict())
     ex = layer.experts
     ds_experts = moe.deepspeed_moe.experts.deepspeed_experts
     if len(ds_experts) != ex.num_local_experts:

@@ -12,8 +12,8 @@ Three lines in a Megatron-Core user's script::
 `MoeDistRouter` is a ``TopKRouter`` subclass that ``MoELayer`` builds from
 ``MoESubmodules.router``; its ``forward(input [S, B, H], padding_mask=None)``:
 
-1. Reorders tokens batch-first and runs the registered router and every balancing loss
-   (`PluginRouting`: the native ``MoELayer``'s maths, names and statistics).
+1. Reorders tokens batch-first and runs the registered router and every balancing loss (its
+   `Gate`, ``router.gate``: the native ``MoELayer``'s maths, names and statistics).
 2. Scatters the ``[T, K]`` choice into ``probs [T, E]`` (zero outside the chosen experts;
    unused ``-1`` slots of expert choice give a token fewer experts) and ``routing_map [T, E]`` bool.
 3. With ``moe_expert_capacity_factor`` set, Megatron's own ``apply_router_token_dropping``.
@@ -21,7 +21,7 @@ Three lines in a Megatron-Core user's script::
    ``attach_and_log_load_balancing_loss`` (``MoEAuxLossAutoScaler``: the term's gradient joins the
    backward, Megatron's tracker logs ``term / coef``, per layer).
 
-The router's parameters are our router's (``router.plugin.router``); ``router.weight`` is that
+The router's parameters are our router's (``router.gate.router``); ``router.weight`` is that
 router's ``weight_EH`` (None for routers without one), the matrix SimBal regularises. Megatron's
 own ``weight`` parameter is dropped.
 """
@@ -40,9 +40,9 @@ from megatron.core.transformer.moe.router import TopKRouter
 from torch import nn
 
 from moe_dist.config import MoEConfig
-from moe_dist.integrations.plugin_routing import PluginRouting, stats_modules
-from moe_dist.integrations.plugin_routing import after_step as _after_step
+from moe_dist.layers.gate import Gate
 from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.training.step_hook import StepCounts, finish_step
 
 
 def routing_to_megatron(
@@ -74,41 +74,38 @@ class MoeDistRouter(TopKRouter):
 
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
-        # Megatron's gate parameters go: ours live in the plugin router (see `weight`).
+        # Megatron's gate parameters go: ours live in the gate's router (see `weight`).
         del self._parameters["weight"]
         if self._parameters.get("bias") is not None:
             del self._parameters["bias"]
             self.bias = None
         ep_group = getattr(pg_collection, "ep", None)
         ep_size = dist.get_world_size(ep_group) if ep_group is not None and dist.is_initialized() else 1
-        self.plugin = PluginRouting(
+        self.gate = Gate(
             moe_cfg,
             config.hidden_size,
             ep_size=ep_size,
             counts_group=getattr(pg_collection, "tp_dp_cp", None),
+            sequence_first=True,
+            kept_counts=True,
         )
-        for p in self.plugin.parameters():
+        for p in self.gate.parameters():
             p.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # as Megatron's weight
 
     @property
     def weight(self) -> torch.Tensor | None:  # type: ignore[override]
-        plugin = self.__dict__.get("_modules", {}).get("plugin")
-        if plugin is None:  # inside TopKRouter.__init__: Megatron registers and initialises its own
+        gate = self.__dict__.get("_modules", {}).get("gate")
+        if gate is None:  # inside TopKRouter.__init__: Megatron registers and initialises its own
             if "weight" in self._parameters:
                 return self._parameters["weight"]
             raise AttributeError("weight")  # not yet registered: lets register_parameter proceed
-        return plugin.weight_EH
-
-    @property
-    def moe_router(self) -> Any:
-        """Our ``Router`` (``after_step``, ``weight_EH``)."""
-        return self.plugin.router
+        return gate.router.weight_EH
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """CPU-safe logits of a linear router (Megatron's moves weights to the current CUDA device)."""
         w_EH = self.weight
         if w_EH is None:
-            raise RuntimeError(f"router {self.plugin.router.registry_name!r} has no linear gate")
+            raise RuntimeError(f"router {self.gate.router.registry_name!r} has no linear gate")
         return F.linear(input.float(), w_EH.float())
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Any:
@@ -120,10 +117,10 @@ class MoeDistRouter(TopKRouter):
         S, B = (input.shape[0], input.shape[1]) if input.dim() == 3 else (input.shape[0], 1)
         x_TH = input.reshape(-1, input.shape[-1])
         # 1. route + losses (batch-first inside)
-        routing, aux = self.plugin(x_TH, B, S, sequence_first=True)
+        routing, aux = self.gate(x_TH, B, S)
         if routing.expert_input_delta_TH is not None:
             raise NotImplementedError(
-                f"router {self.plugin.router.registry_name!r} changes the experts' input (LPR's latent); "
+                f"router {self.gate.router.registry_name!r} changes the experts' input (LPR's latent); "
                 "Megatron's MoELayer dispatches the hidden states unchanged: set add_decoded_latent: false"
             )
         # 2. Megatron's contract
@@ -144,10 +141,10 @@ class MoeDistRouter(TopKRouter):
             routing_map_TE = kept_TE
         else:
             dropped = torch.zeros((), device=probs_TE.device)
-        self.plugin.record_kept(routing_map_TE.sum(0).float(), dropped)
+        self.gate.record_kept(routing_map_TE.sum(0).float(), dropped)
         # 4. aux terms ride on probs, one per name
         if self.training and torch.is_grad_enabled():
-            coefs = {name: loss.cfg.coef for name, loss in zip(self.plugin.loss_names, self.plugin.losses)}
+            coefs = {name: loss.cfg.coef for name, loss in zip(self.gate.loss_names, self.gate.losses)}
             for name, value in aux.items():
                 coef = coefs.get(name, 1.0) or 1.0  # router-owned terms are already weighted
                 probs_TE = self.attach_and_log_load_balancing_loss(
@@ -216,7 +213,7 @@ def transformer_config_fields(moe_cfg: MoEConfig, ep_size: int = 1) -> dict[str,
     """
     return {
         "num_moe_experts": moe_cfg.num_experts,
-        "moe_router_topk": moe_cfg.router_cfg.top_k,
+        "moe_router_topk": moe_cfg.router.top_k,
         "moe_ffn_hidden_size": moe_cfg.experts.ffn_hidden_size,
         "gated_linear_unit": moe_cfg.experts.activation == "swiglu",
         "activation_func": F.silu if moe_cfg.experts.activation == "swiglu" else F.gelu,
@@ -230,7 +227,7 @@ def transformer_config_fields(moe_cfg: MoEConfig, ep_size: int = 1) -> dict[str,
         "moe_aux_loss_coeff": 0.0,
         "moe_z_loss_coeff": None,
         "moe_router_enable_expert_bias": False,
-        "moe_router_pre_softmax": moe_cfg.router_cfg.top_k == 1,
+        "moe_router_pre_softmax": moe_cfg.router.top_k == 1,
         "expert_model_parallel_size": ep_size,
     }
 
@@ -255,10 +252,11 @@ def megatron_groups() -> ParallelGroups:
     )
 
 
-def after_step(model: nn.Module, groups: ParallelGroups | None = None) -> list[torch.Tensor]:
-    """Call after ``optimizer.step()``: global counts, ``router.after_step`` (bias, EMA keys), stats reset.
+def after_step(model: nn.Module, groups: ParallelGroups | None = None) -> StepCounts:
+    """Call after ``optimizer.step()``: ``finish_step`` over every `MoeDistRouter` of ``model``
+    (kept -> received counts over EP, global counts, ``router.after_step``: bias, EMA keys; stats reset).
 
-    Returns the global per-expert counts of each MoE layer, for ``Telemetry.on_step(step,
-    stats_modules(model), counts)`` (call telemetry with these before the next forward).
+    Returns the `StepCounts`, for ``Telemetry.on_step(step, routers_of(model), counts)`` (call
+    telemetry with these before the next forward).
     """
-    return _after_step(stats_modules(model), groups if groups is not None else megatron_groups())
+    return finish_step(routers_of(model), groups if groups is not None else megatron_groups())

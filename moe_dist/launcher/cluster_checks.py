@@ -6,12 +6,10 @@ Each check returns ``path: message`` lines, all of them at once, like ``moe_dist
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from moe_dist.launcher.cluster_config import ClusterConfig
 from moe_dist.launcher.hostfile import parse_hostfile
-
-if TYPE_CHECKING:
-    from moe_dist.launcher.cluster_config import ClusterConfig
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -1,9 +1,9 @@
-"""Cluster configs: where and how many processes run, as a typed, validated tree.
+"""Cluster configs: where and how many processes run, as a typed, validated tree (the schema).
 
 A cluster YAML says which launcher starts the workers (``backend``), how many nodes and
 processes per node, which hosts, the rendezvous, restarts, container, environment and network
-settings. Errors come all at once with their dotted paths, in the style of ``moe_dist.config``
-(``nodes: Input should be greater than or equal to 1, got 0``), and ``moe-dist launch`` exits 2.
+settings. Each field checks itself here; ``cluster_checks.py`` checks fields against each other
+and ``cluster_loading.py`` reads the YAML, applies ``--set`` and reports every error at once.
 
 Every string that may reach a shell script or a generated file (hostfile, sbatch directives) is
 checked here: no control characters anywhere, and strict character sets where a value lands
@@ -16,10 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
-from moe_dist.config import ConfigError, Section, format_pydantic_errors, apply_overrides, read_yaml
-from moe_dist.launcher.cluster_checks import control_chars, cross_checks
+from moe_dist.config import Section
 from moe_dist.launcher.hostfile import HOST, parse_hostfile
 
 Backend = Literal["local", "torchrun", "deepspeed", "mpirun", "slurm"]
@@ -279,37 +278,3 @@ class ClusterConfig(Section):
     def worker_env(self) -> dict[str, str]:
         """Variables every worker gets: the network settings, then ``env`` (which wins)."""
         return {**self.network.to_env(), **self.env}
-
-
-# ---------------------------------------------------------------- loading
-
-
-def cluster_from_dict(
-    data: dict[str, Any], source: str | None = None, base_dir: Path | None = None
-) -> ClusterConfig:
-    errors = control_chars(data)
-    try:
-        cfg = ClusterConfig.model_validate(data)
-    except ValidationError as exc:
-        errors += format_pydantic_errors(exc, "")
-        hostfile = data.get("hostfile")
-        if (
-            isinstance(hostfile, str)
-            and not (Path(base_dir or Path.cwd()) / Path(hostfile).expanduser()).is_file()
-        ):
-            errors.append(f"hostfile: file not found: {Path(base_dir or Path.cwd()) / hostfile}")
-        raise ConfigError(errors, source) from None
-    cfg._base_dir = base_dir or Path.cwd()
-    errors += cross_checks(cfg)
-    if errors:
-        raise ConfigError(errors, source)
-    return cfg
-
-
-def load_cluster_config(path: str | Path, overrides: list[str] | None = None) -> ClusterConfig:
-    """Read a cluster YAML, apply ``--set`` overrides, validate; raises ``ConfigError``."""
-    data = read_yaml(path)
-    errors = apply_overrides(data, overrides or [])
-    if errors:
-        raise ConfigError(errors, str(path))
-    return cluster_from_dict(data, str(path), Path(path).resolve().parent)

@@ -115,7 +115,7 @@ class GroupedExperts(nn.Module):
         """grouped_mm on CUDA where it works (bf16, aligned). On CPU, grouped_mm is itself a loop
         of per-expert GEMMs, and ``expert_mlp`` is faster there: oneDNN GEMMs, intermediates of
         one expert's size (they reuse allocator memory instead of page-faulting fresh [X, F]
-        buffers each step), fewer saved activations (tools/bench_layer.py; set
+        buffers each step), fewer saved activations (tools/bench_layer_cpu.py; set
         ``force_grouped_mm`` to compare)."""
         wanted = x_XH.device.type == "cuda" if self.force_grouped_mm is None else self.force_grouped_mm
         return (

@@ -2,8 +2,11 @@
 
 Shape legend: B batch, S sequence, H model dim, V vocabulary, F dense FFN hidden size.
 
-Forward (``MoETransformer.forward(tokens_BS) -> (logits_BSV, aux_loss, aux_terms)``):
-1. h = embed(tokens).
+Forward (``MoETransformer.forward(tokens_BS, doc_BS=None, cache=None) -> (logits_BSV, aux_loss,
+aux_terms)``):
+1. h = embed(tokens); with document numbers ``doc_BS`` (``data.document_mask``), one attention
+   mask for all blocks that stops attention at document boundaries. With ``cache`` (one
+   ``KVCache`` per block, generation) the tokens continue the cached positions.
 2. For each block: h += attn(norm(h)); h += ffn(norm(h)), where ffn is a dense SwiGLU MLP for
    the first ``model.dense_layers`` blocks (DeepSeek's dense prefix) and a ``MoELayer`` after.
 3. logits = norm(h) @ embed^T (tied embeddings) or a separate output matrix.
@@ -13,13 +16,13 @@ Forward (``MoETransformer.forward(tokens_BS) -> (logits_BSV, aux_loss, aux_terms
 Activation checkpointing (``model.activation_checkpointing``) wraps each block in non-reentrant
 ``torch.utils.checkpoint``. The backward pass re-runs the block's forward; the MoE layer's load
 statistics (token counts, drops, timings) must be counted once, so the recompute runs inside a
-context that snapshots those statistics and restores them afterwards (exact, no halving).
+context that snapshots those statistics (the layer's `Gate`'s) and restores them afterwards
+(exact, no halving).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +30,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_dist.config import ModelConfig
+from moe_dist.layers.gate import HasGate
 from moe_dist.layers.moe_layer import MoELayer
-from moe_dist.models.attention import CausalSelfAttention, residual_out_std
+from moe_dist.models.attention import CausalSelfAttention, KVCache, document_mask, residual_out_std
 from moe_dist.models.norm import RMSNorm
 from moe_dist.parallel.groups import ParallelGroups
-
-_TIMING_ATTRS = ("a2a_seconds", "expert_seconds")
 
 
 class DenseFFN(nn.Module):
@@ -56,44 +58,34 @@ class Block(nn.Module):
         super().__init__()
         out_std = residual_out_std(cfg.n_layers)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, out_std)
+        self.attn = CausalSelfAttention(
+            cfg.dim,
+            cfg.n_heads,
+            cfg.max_seq_len,
+            cfg.rope_theta,
+            out_std,
+            n_kv_heads=cfg.n_kv_heads,
+            qk_norm=cfg.qk_norm,
+            norm_eps=cfg.norm_eps,
+        )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module
-        if index < cfg.dense_layers:
+        # Set once: the DeepSpeed engine swaps the MoELayer for another module that holds a Gate.
+        self.is_moe = index >= cfg.dense_layers
+        if not self.is_moe:
             self.ffn = DenseFFN(cfg.dim, cfg.dense_ffn_hidden_size, out_std)
         else:
             self.ffn = MoELayer(cfg.moe, cfg.dim, groups)
 
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, MoELayer)
-
-    def forward(self, h_BSH: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        h_BSH = h_BSH + self.attn(self.attn_norm(h_BSH))
+    def forward(
+        self, h_BSH: torch.Tensor, mask_B1SS: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        h_BSH = h_BSH + self.attn(self.attn_norm(h_BSH), mask_B1SS, cache)
         if self.is_moe:
             y_BSH, aux = self.ffn(self.ffn_norm(h_BSH))
         else:
             y_BSH, aux = self.ffn(self.ffn_norm(h_BSH)), {}
         return h_BSH + y_BSH, aux
-
-
-@contextlib.contextmanager
-def _stats_restored(layer: nn.Module) -> Iterator[None]:
-    """Undo every buffer and timing change a recomputed forward makes (count once)."""
-    saved = {name: buf.clone() for name, buf in layer.named_buffers()}
-    timings = {a: getattr(layer, a) for a in _TIMING_ATTRS if hasattr(layer, a)}
-    last_aux = getattr(layer, "last_aux", None)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, buf in layer.named_buffers():
-                if name in saved:
-                    buf.copy_(saved[name])
-        for a, v in timings.items():
-            setattr(layer, a, v)
-        if last_aux is not None:
-            layer.last_aux = last_aux
 
 
 class MoETransformer(nn.Module):
@@ -116,24 +108,36 @@ class MoETransformer(nn.Module):
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
             nn.init.normal_(self.output.weight, std=0.02)
 
-    def moe_layers(self) -> list[MoELayer]:
+    def moe_layers(self) -> list[HasGate]:
+        """The MoE FFNs in block order; each exposes its `Gate` (router, losses, statistics) as ``.gate``."""
         return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]
 
-    def _run_block(self, block: Block, h_BSH: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _run_block(
+        self, block: Block, h_BSH: torch.Tensor, mask_B1SS: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not (self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()):
-            return block(h_BSH)
+            return block(h_BSH, mask_B1SS)
 
         def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-            recompute = _stats_restored(block.ffn) if block.is_moe else contextlib.nullcontext()
+            recompute = block.ffn.gate.stats_restored() if block.is_moe else contextlib.nullcontext()
             return contextlib.nullcontext(), recompute
 
-        return checkpoint(block, h_BSH, use_reentrant=False, context_fn=contexts)
+        return checkpoint(block, h_BSH, mask_B1SS, use_reentrant=False, context_fn=contexts)
 
-    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        tokens_BS: torch.Tensor,
+        doc_BS: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         h_BSH = self.embed(tokens_BS)
+        mask_B1SS = None if doc_BS is None else document_mask(doc_BS)
         aux_terms: dict[str, torch.Tensor] = {}
-        for block in self.blocks:
-            h_BSH, aux = self._run_block(block, h_BSH)
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                h_BSH, aux = self._run_block(block, h_BSH, mask_B1SS)
+            else:  # generation: no activation checkpointing, each block extends its cache
+                h_BSH, aux = block(h_BSH, mask_B1SS, cache[i])
             for name, value in aux.items():
                 aux_terms[name] = aux_terms[name] + value if name in aux_terms else value
         h_BSH = self.norm(h_BSH)

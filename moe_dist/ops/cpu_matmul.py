@@ -1,9 +1,9 @@
 """fp32 matrix products on CPU through oneDNN where it is available and exact, else ``torch.mm``.
 
 Why: torch's fp32 CPU ``mm`` calls MKL's sgemm, and MKL takes its AVX2 code path on non-Intel
-CPUs. oneDNN, which ships inside every x86 torch wheel, picks AVX-512 where the CPU has it. On the
-2-core AMD EPYC (Zen 4) development machine, one thread, [2048, 512] @ [512, 1024]: ``torch.mm``
-92-98 GFLOP/s, oneDNN 100-108 (``tools/bench_layer.py`` measures both as the ceiling).
+CPUs. oneDNN, which ships inside every x86 torch wheel, picks AVX-512 where the CPU has it, and is
+then the faster of the two (``tools/bench_layer_cpu.py`` measures both as its ceiling; figures in
+docs/performance.md).
 
 oneDNN is reached through ``torch.ops.mkldnn._linear_pointwise`` (the op torch's own compiler
 emits for CPU linears): dense strided tensors in and out, no layout conversion. The op is

@@ -16,7 +16,7 @@ Worked layout, E = 4 experts on R = 2 EP ranks (e = 2: rank 0 hosts e0, e1; rank
        (e0,r0) (e1,r0) | (e0,r1) (e1,r1)        chunks in the order (source rank, local expert)
 
 3. The grouped GEMM needs **expert-major** order; the exchange's ``ChunkPlan`` lays the chunks
-   out that way as they arrive (``chunk_exchange.py``)::
+   out that way as they arrive (``moe_dist/parallel/chunk_plan.py``)::
 
        (e0,r0) (e0,r1) | (e1,r0) (e1,r1)
 

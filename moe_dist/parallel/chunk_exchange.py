@@ -2,11 +2,11 @@
 
 Shape legend: X rows this rank sends, Y rows it receives, H row width (hidden size), R ranks.
 
-A ``ChunkPlan`` says where each chunk of the input goes and in which order the received chunks
-are laid out. The token dispatcher sends one chunk per global expert (expert-sorted, so grouped by
-destination rank) and wants the received rows **expert-major**, ``(e0,r0) (e0,r1) (e1,r0) ...``;
-the combine is the same plan reversed. The backward of an exchange is the reversed exchange:
-gradient rows travel back along the same chunks.
+A ``ChunkPlan`` (``chunk_plan.py``, with the index maths) says where each chunk of the input goes
+and in which order the received chunks are laid out. The token dispatcher sends one chunk per
+global expert (expert-sorted, so grouped by destination rank) and wants the received rows
+**expert-major**, ``(e0,r0) (e0,r1) (e1,r0) ...``; the combine is the same plan reversed. The
+backward of an exchange is the reversed exchange: gradient rows travel back along the same chunks.
 
 Two transports move the rows:
 
@@ -20,76 +20,16 @@ Two transports move the rows:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from moe_dist.parallel.all_to_all import group_size
+from moe_dist.parallel.chunk_plan import ChunkPlan, arrival_order, peer_major_order, rows_per_peer
 
 if TYPE_CHECKING:
     from moe_dist.parallel.shm_transport import ShmTransport
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """``send``: ``(destination rank, rows)`` per outgoing chunk, in sending order.
-    ``recv``: ``(source rank, rows)`` per incoming chunk, in arrival order.
-
-    The k-th ``recv`` entry naming source s is the k-th chunk s sends to this rank, so the
-    entries from one source appear in the order that source sends them.
-
-    Optional row maps fold a gather before and a scatter after the exchange into its copies:
-    ``send_index`` (S rows) picks the outgoing rows from an input of ``in_rows`` rows (None: the
-    input is the outgoing rows in order); ``recv_index`` (R rows) places the arriving rows in an
-    output of ``out_rows`` rows, zeros elsewhere (None: the output is the arriving rows in order).
-    """
-
-    send: tuple[tuple[int, int], ...]
-    recv: tuple[tuple[int, int], ...]
-    send_index: torch.Tensor | None = None
-    in_rows: int | None = None
-    recv_index: torch.Tensor | None = None
-    out_rows: int | None = None
-
-    def reverse(self) -> ChunkPlan:
-        """The plan that moves every output row back to where it came from."""
-        return ChunkPlan(
-            send=self.recv,
-            recv=self.send,
-            send_index=self.recv_index,
-            in_rows=self.out_rows,
-            recv_index=self.send_index,
-            out_rows=self.in_rows,
-        )
-
-    @property
-    def send_rows(self) -> int:
-        return sum(n for _, n in self.send)
-
-    @property
-    def recv_rows(self) -> int:
-        return sum(n for _, n in self.recv)
-
-    @property
-    def input_rows(self) -> int:
-        return self.send_rows if self.send_index is None else int(self.in_rows or 0)
-
-    @property
-    def output_rows(self) -> int:
-        return self.recv_rows if self.recv_index is None else int(self.out_rows or 0)
-
-    def place(self, y_RH: torch.Tensor) -> torch.Tensor:
-        """The arriving rows at their output rows (``recv_index``), zeros elsewhere."""
-        if self.recv_index is None:
-            return y_RH
-        out = (
-            y_RH.new_zeros((self.output_rows, *y_RH.shape[1:]))
-            if self.output_rows > y_RH.shape[0]
-            else (y_RH.new_empty((self.output_rows, *y_RH.shape[1:])))
-        )
-        return out.index_copy_(0, self.recv_index, y_RH)
 
 
 def _reorder(buf_NH: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Tensor:
@@ -106,13 +46,8 @@ def collective_move(x_XH: torch.Tensor, plan: ChunkPlan, group: dist.ProcessGrou
     R = group_size(group)
     if plan.send_index is not None:
         x_XH = x_XH.index_select(0, plan.send_index)
-    by_dest = sorted(range(len(plan.send)), key=lambda i: plan.send[i][0])  # stable
-    send_XH = _reorder(x_XH, [n for _, n in plan.send], by_dest)
-    input_splits, output_splits = [0] * R, [0] * R
-    for d, n in plan.send:
-        input_splits[d] += n
-    for s, n in plan.recv:
-        output_splits[s] += n
+    send_XH = _reorder(x_XH, [n for _, n in plan.send], peer_major_order(plan.send))
+    input_splits, output_splits = rows_per_peer(plan.send, R), rows_per_peer(plan.recv, R)
     if R == 1:
         recv_YH = send_XH
     else:
@@ -125,10 +60,8 @@ def collective_move(x_XH: torch.Tensor, plan: ChunkPlan, group: dist.ProcessGrou
             group=group,
         )
     # recv_YH is source-major, each source's chunks in its send order; put them in plan order.
-    by_source = sorted(range(len(plan.recv)), key=lambda j: plan.recv[j][0])  # stable
-    position = {j: i for i, j in enumerate(by_source)}
-    sizes = [plan.recv[j][1] for j in by_source]
-    return plan.place(_reorder(recv_YH, sizes, [position[j] for j in range(len(plan.recv))]))
+    sizes = [plan.recv[j][1] for j in peer_major_order(plan.recv)]
+    return plan.place(_reorder(recv_YH, sizes, arrival_order(plan.recv)))
 
 
 def _move(

@@ -50,7 +50,8 @@ from moe_dist.ops.compiled import FusedKernels
 from moe_dist.ops.slot_sort import capacity_per_expert, sort_slots
 from moe_dist.ops.token_rows import gather_token_rows, sum_slot_rows
 from moe_dist.parallel.all_to_all import exchange_counts, group_size
-from moe_dist.parallel.chunk_exchange import ChunkPlan, exchange_chunks
+from moe_dist.parallel.chunk_exchange import exchange_chunks
+from moe_dist.parallel.chunk_plan import ChunkPlan
 from moe_dist.parallel.shm_transport import ShmTransport
 from moe_dist.routing.base import Routing
 

@@ -1,8 +1,8 @@
 """Row exchange through shared memory for a gloo group whose ranks all run on this host.
 
-Why: gloo moves an all-to-all through loopback TCP. On the 2-core development machine one
-16 MB exchange between 2 ranks took 8.3 ms (6.3 ms of it CPU time in the socket stack); a copy
-of the same 16 MB takes 1.7 ms. Here each byte is copied once into the sender's outbox and once
+Why: gloo moves an all-to-all through loopback TCP, and most of an exchange's time is CPU time in
+the socket stack, several times what a copy of the same bytes costs (figures in
+docs/performance.md). Here each byte is copied once into the sender's outbox and once
 out of it, straight to its place in the receiver's output (``ChunkPlan`` order), so the
 dispatcher needs no reorder pass either.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_dist.parallel.chunk_exchange import ChunkPlan
+from moe_dist.parallel.chunk_plan import ChunkPlan, chunk_spans, rows_per_peer
 
 SHM_DIR = Path("/dev/shm")
 _ALIGN = 4096
@@ -176,28 +176,23 @@ class ShmTransport:
         row_shape, dtype = x_XH.shape[1:], x_XH.dtype
         row_bytes = math.prod(row_shape) * x_XH.element_size()
         # 1. write
-        rows_to = [0] * self.size
-        for d, n in plan.send:
-            rows_to[d] += n
+        rows_to = rows_per_peer(plan.send, self.size)
         need = max((rows_to[d] for d in range(self.size) if d != me), default=0) * row_bytes
         if need > self.slot_bytes:
             self._grow(need)
         own: list[torch.Tensor] = []  # this rank's chunks to itself: copied once, at read time
-        offset, row = [0] * self.size, 0
-        for d, n in plan.send:
+        for d, row, peer_row, n in chunk_spans(plan.send):
             if d == me:
                 own.append(self._outgoing(x_XH, plan, row, n))
             elif n:
                 assert self.outbox is not None
-                start = offset[d] * row_bytes
+                start = peer_row * row_bytes
                 slot_nH = self.outbox[half, self._slot_of(d, me), start : start + n * row_bytes]
                 slot_nH = slot_nH.view(dtype).view(n, *row_shape)
                 if plan.send_index is None:
                     slot_nH.copy_(x_XH[row : row + n])
                 else:  # the gather before the exchange, straight into the outbox
                     torch.index_select(x_XH, 0, plan.send_index[row : row + n], out=slot_nH)
-            offset[d] += n
-            row += n
         self.meta[half, 0], self.meta[half, 1] = self.gen, self.slot_bytes
         # 2. barrier: every rank's chunks and meta are in place
         dist.barrier(group=self.group)
@@ -214,22 +209,19 @@ class ShmTransport:
             y_YH = x_XH.new_zeros((plan.output_rows, *row_shape))
         else:
             y_YH = x_XH.new_empty((plan.output_rows, *row_shape))
-        taken = [0] * self.size
-        own_next, row = 0, 0
-        for s, n in plan.recv:
+        own_next = 0
+        for s, row, peer_row, n in chunk_spans(plan.recv):
             if s == me:
                 src = own[own_next]
                 own_next += 1
             elif n:
-                start = taken[s] * row_bytes
+                start = peer_row * row_bytes
                 box = self.peer_box[s][half, self._slot_of(me, s), start : start + n * row_bytes]
                 src = box.view(dtype).view(n, *row_shape)
-                taken[s] += n
             if n and plan.recv_index is None:
                 y_YH[row : row + n].copy_(src)
             elif n:
                 y_YH.index_copy_(0, plan.recv_index[row : row + n], src)
-            row += n
         return y_YH
 
     @staticmethod

@@ -4,18 +4,24 @@
 
 - torchrun / torch.distributed.run: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR/PORT``.
 - OpenMPI (when ``RANK`` is absent): ``OMPI_COMM_WORLD_RANK``, ``OMPI_COMM_WORLD_SIZE``,
-  ``OMPI_COMM_WORLD_LOCAL_RANK``.
+  ``OMPI_COMM_WORLD_LOCAL_RANK``; MPICH / Intel MPI (Hydra): ``PMI_RANK``, ``PMI_SIZE``,
+  ``MPI_LOCALRANKID``.
 - SLURM (when neither is set): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``.
 - nothing: a single process, no process group.
 
-Under mpirun and SLURM the rendezvous address still comes from ``MASTER_ADDR``/``MASTER_PORT``
-(the launcher exports them). Backend ``auto`` is NCCL when CUDA is available, else gloo; the
-collective timeout is ``parallel.timeout_s``, so a dead peer ends the job instead of hanging it.
+The rendezvous address comes from ``MASTER_ADDR``/``MASTER_PORT``. Under an MPI launch without
+them (``mpirun -np 2 moe-dist train ...``), ``mpi4py`` supplies them: rank 0 takes its address
+(loopback when every rank shares its host) and a free port and broadcasts both over
+``MPI.COMM_WORLD``; rank, size and local rank come from MPI itself, so any MPI works.
+
+Backend ``auto`` is NCCL when CUDA is available, else gloo; the collective timeout is
+``parallel.timeout_s``, so a dead peer ends the job instead of hanging it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +34,7 @@ from moe_dist.config import ParallelConfig
 _LAUNCHERS = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
     ("mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("mpirun", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 )
 
@@ -79,6 +86,9 @@ def init_distributed(cfg: ParallelConfig) -> LaunchInfo:
     if info.world_size == 1:
         return info
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing and info.launcher == "mpirun":
+        info = rendezvous_over_mpi()
+        missing = []
     if missing:
         raise LaunchEnvError(
             f"{info.launcher} launch of {info.world_size} processes: {' and '.join(missing)} not set "
@@ -91,6 +101,28 @@ def init_distributed(cfg: ParallelConfig) -> LaunchInfo:
         backend, rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=cfg.timeout_s)
     )
     return info
+
+
+def rendezvous_over_mpi() -> LaunchInfo:
+    """Rank 0's address and a free port, broadcast with mpi4py, exported as MASTER_ADDR/PORT."""
+    try:
+        from mpi4py import MPI  # noqa: PLC0415 - only for an MPI launch without MASTER_ADDR
+    except ImportError as exc:
+        raise LaunchEnvError(
+            f"mpirun launch without MASTER_ADDR needs mpi4py (pip install 'moe-dist[mpi]'): {exc}"
+        ) from None
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    one_host = node.Get_size() == comm.Get_size()
+    where = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        where = ("127.0.0.1" if one_host else socket.gethostbyname(socket.getfqdn()), port)
+    addr, port = comm.bcast(where, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    return LaunchInfo(comm.Get_rank(), comm.Get_size(), node.Get_rank(), "mpirun")
 
 
 def shutdown_distributed() -> None:

@@ -20,21 +20,15 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-
-@dataclass
-class StepInputs:
-    """What one step tells telemetry about its L layers (device tensors unless noted)."""
-
-    counts_E: list[torch.Tensor]  # noqa: N815 - routed token-slots per expert, summed over the group
-    received_E: list[torch.Tensor]  # noqa: N815 - received after drops, summed over the group
-    dropped: list[torch.Tensor]  # scalar slots dropped for capacity, summed over the group
-    local_received: list[torch.Tensor]  # scalar tokens THIS rank's experts received
-    a2a_seconds: float  # host floats, this rank, all layers
-    expert_seconds: float
+if TYPE_CHECKING:
+    from moe_dist.layers.gate import HasGate
+    from moe_dist.training.step_hook import StepCounts
 
 
 @dataclass
@@ -106,7 +100,7 @@ class StatsAccumulator:
         self.a2a_seconds = 0.0
         self.expert_seconds = 0.0
 
-    def add(self, inputs: StepInputs, step_seconds: float, tokens: int) -> None:
+    def add(self, inputs: StepCounts, step_seconds: float, tokens: int) -> None:
         """Fold one step into the device sum (no host sync)."""
         with torch.no_grad():
             vec = torch.cat(
@@ -131,7 +125,7 @@ class StatsAccumulator:
         return self.steps > 0 and step % self.interval == 0
 
     def snapshot(
-        self, layers: list, step: int, losses: dict[str, float], force: bool = False
+        self, layers: Sequence[HasGate], step: int, losses: dict[str, float], force: bool = False
     ) -> HostSnapshot | None:
         """Start the asynchronous fetch of the interval; None when both host buffers are busy
         (then the sums keep growing into the next interval; ``force`` waits for a buffer)."""
@@ -163,23 +157,23 @@ class StatsAccumulator:
         return snap
 
     @torch.no_grad()
-    def _fetch(self, layers: list) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def _fetch(self, layers: Sequence[HasGate]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Sums + last aux values + bias spreads -> one host buffer, one (async on CUDA) copy."""
         assert self.sum_P is not None
         if not self.aux_names and layers:
-            self.aux_names = sorted(getattr(layers[0], "last_aux", {}) or {})
+            self.aux_names = sorted(layers[0].gate.last_aux)
         dev = self.sum_P.device
         nan = torch.full((), math.nan, device=dev, dtype=torch.float64)
         # Layers the caller did not pass (or values they lack) read as NaN: "not known".
-        known = layers if len(layers) == self.L else [None] * self.L
+        gates = [layer.gate for layer in layers] if len(layers) == self.L else [None] * self.L
         aux, spreads = [], []
-        for layer in known:
-            last_aux = getattr(layer, "last_aux", None) or {}
+        for gate in gates:
+            last_aux = gate.last_aux if gate is not None else {}
             aux += [
                 last_aux[n].detach().reshape(()).to(dev, torch.float64) if n in last_aux else nan
                 for n in self.aux_names
             ]
-            s = bias_spread(layer.router) if hasattr(layer, "router") else None
+            s = bias_spread(gate.router) if gate is not None else None
             spreads.append(nan if s is None else s.to(dev, torch.float64))
         payload = torch.cat([self.sum_P, torch.stack(aux) if aux else self.sum_P[:0], torch.stack(spreads)])
         host = self._host_buffer(payload)

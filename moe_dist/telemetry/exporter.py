@@ -22,13 +22,13 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
-import torch
 
-from moe_dist.telemetry.accumulator import StatsAccumulator, StepInputs
+from moe_dist.telemetry.accumulator import StatsAccumulator
 from moe_dist.telemetry.file_sd import Endpoint, gather_endpoints, target_groups, targets_path, write_targets
 from moe_dist.telemetry.handle import Telemetry
 from moe_dist.telemetry.metrics_registry import build_metrics
@@ -36,37 +36,11 @@ from moe_dist.telemetry.publisher import Publisher, Roles
 from moe_dist.telemetry.push import push_summary
 from moe_dist.telemetry.server import MetricsServer, TelemetryError, start_server
 
+if TYPE_CHECKING:
+    from moe_dist.layers.gate import HasGate
+    from moe_dist.training.step_hook import StepCounts
+
 log = logging.getLogger("moe_dist.telemetry")
-
-
-def step_inputs(layers: list, global_counts: list[torch.Tensor], groups: Any) -> StepInputs:
-    """Read one step's statistics. ``moe_dist.training.step_hook.finish_step`` returns the group-summed
-    received counts, drops and this rank's timings (read before it resets the layers) as
-    attributes of its result; without them (a custom loop) routed counts stand in for received
-    ones, which is exact for dropless layers."""
-    received = getattr(global_counts, "received_E", None)
-    if received is not None:
-        return StepInputs(
-            counts_E=list(global_counts),
-            received_E=list(received),
-            dropped=list(global_counts.dropped),
-            local_received=list(global_counts.local_received),
-            a2a_seconds=float(global_counts.a2a_seconds),
-            expert_seconds=float(global_counts.expert_seconds),
-        )
-    ep, dp = max(groups.ep_size, 1), max(groups.world_size // max(groups.ep_size, 1), 1)
-    local = []
-    for c in global_counts:
-        e = c.numel() // ep
-        local.append(c[groups.ep_rank * e : (groups.ep_rank + 1) * e].sum() / dp)
-    return StepInputs(
-        counts_E=list(global_counts),
-        received_E=list(global_counts),
-        dropped=[c.new_zeros(()) for c in global_counts],
-        local_received=local,
-        a2a_seconds=sum(float(getattr(x, "a2a_seconds", 0.0)) for x in layers),
-        expert_seconds=sum(float(getattr(x, "expert_seconds", 0.0)) for x in layers),
-    )
 
 
 class Exporter(Telemetry):
@@ -151,7 +125,7 @@ class Exporter(Telemetry):
         self.publisher: Publisher | None = None
         self.acc = StatsAccumulator(cfg.interval_steps)
         self._last_snapshot = -math.inf
-        self._layers: list = []
+        self._layers: Sequence[HasGate] = []
         self._step = 0
         self._losses: dict[str, float] = {}
 
@@ -187,21 +161,21 @@ class Exporter(Telemetry):
     def on_step(
         self,
         step: int,
-        layers: list,
-        global_counts: list,
+        layers: Sequence[HasGate],
+        global_counts: StepCounts,
         *,
         step_seconds: float = 0.0,
         tokens: int = 0,
         losses: dict[str, float] | None = None,
     ) -> None:
-        if self.closed or not global_counts:
+        if self.closed or not global_counts.counts_E:
             return
         try:
             self._layers, self._step, self._losses = layers, step, losses or {}
             if self.publisher is None:
-                self.roles.num_local_experts = global_counts[0].numel() // max(self.roles.ep_size, 1)
+                self.roles.num_local_experts = global_counts.counts_E[0].numel() // max(self.roles.ep_size, 1)
                 self.publisher = Publisher(self.metrics, self.roles)
-            self.acc.add(step_inputs(layers, global_counts, self.groups), step_seconds, tokens)
+            self.acc.add(global_counts, step_seconds, tokens)
             now = time.monotonic()
             if self.acc.due(step) and now - self._last_snapshot >= self.cfg.min_publish_interval_s:
                 self._last_snapshot = now

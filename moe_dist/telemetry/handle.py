@@ -15,6 +15,13 @@ live `moe_dist.telemetry.exporter.Exporter`, a subclass (imported only then).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_dist.layers.gate import HasGate
+    from moe_dist.training.step_hook import StepCounts
+
 
 class Telemetry:
     wants_timing: bool = False
@@ -22,8 +29,8 @@ class Telemetry:
     def on_step(
         self,
         step: int,
-        layers: list,
-        global_counts: list,
+        layers: Sequence[HasGate],
+        global_counts: StepCounts,
         *,
         step_seconds: float = 0.0,
         tokens: int = 0,

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_dist.metrics import load_stats_L
 from moe_dist.telemetry.accumulator import HostSnapshot
-from moe_dist.telemetry.load_stats import load_stats_L
 from moe_dist.telemetry.metrics_registry import MetricSet
 
 log = logging.getLogger("moe_dist.telemetry")
@@ -130,7 +130,9 @@ class Publisher:
     def _publish_layers(self, snap: HostSnapshot, v: dict[str, torch.Tensor]) -> None:
         lm = self.m.layer
         counts_LE = v["counts_LE"]
-        stats = load_stats_L(counts_LE)
+        stats_L = load_stats_L(counts_LE)
+        stats_L["max_mean_ratio"] = stats_L["max_violation"] + 1.0
+        stats = {key: values_L.tolist() for key, values_L in stats_L.items()}
         routed, dropped = counts_LE.sum(1).tolist(), v["dropped_L"].tolist()
         aux, spread = v["aux_LA"].tolist(), v["bias_spread_L"].tolist()
         gauges = [

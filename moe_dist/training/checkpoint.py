@@ -7,8 +7,11 @@ Layout of ``<run dir>/checkpoints/``::
     latest         the name of the newest complete checkpoint
 
 The DeepSpeed engine writes DeepSpeed's files in place of model.pt and optim.pt
-(``integrations/deepspeed_checkpoint.py``) through the same ``save_files``, ``resume_from``
-and ``verify``; a checkpoint resumes only under the engine that wrote it.
+(``integrations/deepspeed_checkpoint.py``) through the same ``save_files``, and
+``checkpoint.format: dcp`` writes DCP's shards (``dcp_checkpoint.py``) between ``begin_save``
+and ``finish_save`` (meta.json ``layout`` says which files hold the weights); which checkpoint a
+run starts from (``resume_from``, ``verify``) is ``checkpoint_choice.py``. A checkpoint resumes
+only under the engine that wrote it.
 
 Saving (every rank calls ``save``):
 1. Expert tensors (parameters with ``expert_parallel`` and their AdamW moments) are all-gathered
@@ -22,16 +25,15 @@ Saving (every rank calls ``save``):
 Loading: rank 0 checks the candidates newest first (``latest``, then older ``step_*``) against
 their recorded sizes and hashes; a corrupt one is reported in one line and the next older is
 used. Every rank then reads it with ``torch.load(weights_only=True)`` and keeps its slice of the
-experts: an EP=2 checkpoint resumes at EP=1 or EP=4.
+experts: an EP=2 checkpoint resumes at EP=1 or EP=4. Parameter names of older format versions
+are mapped to today's (``upgraded_name``), so their runs continue.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,17 +43,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_dist.config import ConfigError
 from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.training.checkpoint_choice import (
+    FORMAT,
+    LATEST,
+    VERSION,
+    CheckpointError,
+    list_checkpoints,
+    read_meta,
+    sha256,
+)
 from moe_dist.training.grad_sync import is_expert_param
-
-FORMAT = "moe_dist.training.checkpoint"
-VERSION = 1
-LATEST = "latest"
-
-
-class CheckpointError(Exception):
-    """No usable checkpoint where one was asked for."""
 
 
 @dataclass
@@ -69,14 +71,6 @@ class Loaded:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _barrier(groups: ParallelGroups) -> None:
@@ -163,7 +157,7 @@ def save(
             torch.save(model_sd, tmp / "model.pt")
             torch.save(optim_sd, tmp / "optim.pt")
 
-    return save_files(ckpt_root, step, groups, trainer, keep, write, engine="native")
+    return save_files(ckpt_root, step, groups, trainer, keep, write, engine="native", layout="torch")
 
 
 def save_files(
@@ -174,12 +168,19 @@ def save_files(
     keep: int,
     write: Callable[[Path], None],
     engine: str,
+    layout: str | None = None,
 ) -> Path:
     """The atomic part of a save, for any engine (collective): ``write(tmp)`` runs on every rank
-    and fills the temporary directory; every rank adds its RNG state; rank 0 records sizes and
-    hashes in meta.json, renames the directory to ``step_N``, replaces ``latest`` and prunes."""
+    and fills the temporary directory between ``begin_save`` and ``finish_save``."""
+    tmp = begin_save(ckpt_root, step, groups)
+    write(tmp)
+    return finish_save(ckpt_root, step, groups, trainer, keep, engine, layout)
+
+
+def begin_save(ckpt_root: Path, step: int, groups: ParallelGroups) -> Path:
+    """Collective: a fresh ``.tmp-step_N`` directory holding every rank's RNG state; returns it."""
     name = step_dir_name(step)
-    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    tmp = ckpt_root / f".tmp-{name}"
     if groups.rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,11 +190,27 @@ def save_files(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / f"rng_rank{groups.rank}.pt")
-    write(tmp)
+    return tmp
+
+
+def finish_save(
+    ckpt_root: Path,
+    step: int,
+    groups: ParallelGroups,
+    trainer: dict[str, Any],
+    keep: int,
+    engine: str,
+    layout: str | None = None,
+) -> Path:
+    """Collective, once every rank's files are in ``.tmp-step_N``: rank 0 records sizes and hashes
+    in meta.json (``layout``: which files hold the weights, when the engine has more than one),
+    renames the directory to ``step_N``, replaces ``latest`` and prunes."""
+    name = step_dir_name(step)
+    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
     _barrier(groups)
     if groups.rank == 0:
         files = {
-            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256(f)}
             for f in sorted(tmp.rglob("*"))
             if f.is_file()
         }
@@ -201,6 +218,7 @@ def save_files(
             "format": FORMAT,
             "version": VERSION,
             "engine": engine,
+            **({"layout": layout} if layout else {}),
             "step": step,
             "world_size": groups.world_size,
             "ep_size": groups.ep_size,
@@ -236,18 +254,6 @@ def restore_rng(path: Path, meta: dict[str, Any], groups: ParallelGroups) -> boo
     return True
 
 
-def read_meta(path: Path, engine: str) -> dict[str, Any]:
-    """meta.json of a verified checkpoint, refusing one another engine wrote."""
-    meta = json.loads((path / "meta.json").read_text())
-    written_by = meta.get("engine", "native")
-    if written_by != engine:
-        raise CheckpointError(
-            f"{path}: written by parallel.engine {written_by}; resume it with that engine "
-            f"(this run: {engine})"
-        )
-    return meta
-
-
 def _fsync_dir(path: Path) -> None:
     for f in [*path.iterdir(), path] if path.is_dir() else [path]:
         if f.is_file() or f == path:
@@ -261,93 +267,6 @@ def _fsync_dir(path: Path) -> None:
                 os.close(fd)
 
 
-# ---------------------------------------------------------------- find and verify
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete-looking ``step_*`` directories, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    return sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=lambda p: p.name)
-
-
-def verify(path: Path) -> str | None:
-    """None if ``path`` is a complete, uncorrupted checkpoint, else why not (one line)."""
-    meta_path = path / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        return f"meta.json unreadable ({exc.__class__.__name__})"
-    if meta.get("format") != FORMAT:
-        return "meta.json is not a moe_dist checkpoint"
-    for fname, rec in meta.get("files", {}).items():
-        f = path / fname
-        if not f.is_file():
-            return f"{fname} missing"
-        size = f.stat().st_size
-        if size != rec["bytes"]:
-            return f"{fname} has {size} bytes, expected {rec['bytes']} (truncated?)"
-        if _sha256(f) != rec["sha256"]:
-            return f"{fname} checksum mismatch (corrupt)"
-    return None
-
-
-def candidates(path: Path) -> list[Path]:
-    """Checkpoints to try, newest first: ``path`` may be a run's checkpoint root or one step_* dir."""
-    if (path / "meta.json").exists() or path.name.startswith("step_"):
-        older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
-        return [path, *reversed(older)]
-    found = list(reversed(list_checkpoints(path)))
-    pointer = path / LATEST
-    if pointer.is_file():
-        latest = path / pointer.read_text().strip()
-        found = [latest] + [p for p in found if p != latest]
-    return found
-
-
-def resume_from(resume: str | None, ckpt_root: Path, groups: ParallelGroups, log: Any = None) -> Path | None:
-    """The checkpoint a run starts from, for either engine: ``resume`` None is a fresh start (an
-    error when the run already has checkpoints: nothing is overwritten by accident); "" is this
-    run's newest usable checkpoint, or a fresh start when none was saved yet (elastic restarts
-    rely on it); anything else a checkpoint root or one ``step_*`` directory."""
-    if resume is None:
-        if list_checkpoints(ckpt_root):
-            raise ConfigError(
-                [
-                    f"run.name: {ckpt_root.parent} already has checkpoints (newest "
-                    f"{list_checkpoints(ckpt_root)[-1].name}); continue it with --resume, "
-                    "or start a new run with --set run.name=NEW"
-                ]
-            )
-        return None
-    if resume == "" and not candidates(ckpt_root):
-        return None
-    return choose(Path(resume) if resume else ckpt_root, groups, log)
-
-
-def choose(path: Path, groups: ParallelGroups, log: Any = None) -> Path:
-    """The newest usable checkpoint under ``path`` (rank 0 decides; every rank gets the answer)."""
-    choice: list[Any] = [None]
-    if groups.rank == 0:
-        tried = candidates(path)
-        for cand in tried:
-            problem = verify(cand)
-            if problem is None:
-                choice[0] = str(cand)
-                break
-            print(
-                f"checkpoint {cand} is unusable: {problem}; trying the previous one", file=log or sys.stderr
-            )
-        if choice[0] is None:
-            choice[0] = "" if tried else None
-    if groups.distributed:
-        dist.broadcast_object_list(choice, src=0)
-    if not choice[0]:
-        why = "no usable checkpoint (all corrupt)" if choice[0] == "" else "no checkpoint"
-        raise CheckpointError(f"--resume: {why} in {path}")
-    return Path(choice[0])
-
-
 # ---------------------------------------------------------------- load
 
 
@@ -358,6 +277,7 @@ def load(
     meta = read_meta(path, "native")
     experts = _expert_names(model)
     saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    saved = {upgraded_name(k, meta): v for k, v in saved.items()}
     current = model.state_dict()
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
@@ -381,17 +301,32 @@ def load(
         new_sd[name] = t
     model.load_state_dict(new_sd, strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(_local_optim_state(path, model, optimizer, groups, experts))
+        optimizer.load_state_dict(_local_optim_state(path, meta, model, optimizer, groups, experts))
     rng_restored = restore_rng(path, meta, groups)
     return Loaded(
         path=path, step=int(meta["step"]), trainer=meta.get("trainer", {}), rng_restored=rng_restored
     )
 
 
+def upgraded_name(name: str, meta: dict[str, Any]) -> str:
+    """A parameter's name today for its ``name`` in a checkpoint of ``meta["version"]``."""
+    if meta.get("version", 1) < 2:
+        return name.replace(".ffn.router.", ".ffn.gate.router.")
+    return name
+
+
 def _local_optim_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelGroups, experts: set[str]
+    path: Path,
+    meta: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: ParallelGroups,
+    experts: set[str],
 ) -> dict:
     saved = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    saved["state"] = {upgraded_name(k, meta): v for k, v in saved["state"].items()}
+    for group in saved["param_groups"]:
+        group["param_names"] = [upgraded_name(n, meta) for n in group.get("param_names", [])]
     params = dict(model.named_parameters())
     state, out_groups, index = {}, [], 0
     for gi, group in enumerate(optimizer.param_groups):

@@ -13,7 +13,9 @@ so every gradient is (1 / world) * sum over ranks. This makes EP=2 on 2 ranks an
 on 2 ranks compute the same update from the same data.
 
 Gradients are packed into flat buckets (``bucket_mb``), one all-reduce per bucket, so a step
-issues a handful of collectives, not one per tensor.
+issues a handful of collectives, not one per tensor. Under ``parallel.data_parallel: ddp`` torch's
+DDP has already averaged the dense gradients over the world during the backward
+(``dense_reduced``); only the expert gradients are reduced here.
 
 Global norm: non-expert gradients are identical on every rank after the reduction; expert
 gradients differ across EP ranks (different experts), so their squared norms are summed over the
@@ -70,8 +72,10 @@ def _all_reduce_mean(
 class GradSync:
     """Reduces a model's gradients and measures/clips their global norm."""
 
-    def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_mb: float = 25.0) -> None:
-        self.groups = groups
+    def __init__(
+        self, model: nn.Module, groups: ParallelGroups, bucket_mb: float = 25.0, dense_reduced: bool = False
+    ) -> None:
+        self.groups, self.dense_reduced = groups, dense_reduced
         self.bucket_bytes = int(bucket_mb * 2**20)
         params = [p for p in model.parameters() if p.requires_grad]
         self.dense = [p for p in params if not is_expert_param(p)]
@@ -90,7 +94,8 @@ class GradSync:
         dense, expert = self._grads(self.dense), self._grads(self.expert)
         if not g.distributed:
             return
-        _all_reduce_mean(dense, g.world_group, g.world_size, self.bucket_bytes)
+        if not self.dense_reduced:
+            _all_reduce_mean(dense, g.world_group, g.world_size, self.bucket_bytes)
         if g.dp_size > 1:
             _all_reduce_mean(expert, g.expert_dp_group, g.world_size, self.bucket_bytes)
         else:
@@ -99,11 +104,7 @@ class GradSync:
 
     def global_norm(self) -> torch.Tensor:
         """L2 norm of the whole gradient (all experts of all EP ranks once), same on every rank."""
-        dense_sq = _sq_norm(self._grads(self.dense))
-        expert_sq = _sq_norm(self._grads(self.expert))
-        if self.groups.ep_size > 1:
-            dist.all_reduce(expert_sq, group=self.groups.ep_group)
-        return (dense_sq + expert_sq).sqrt()
+        return global_grad_norm(self._grads(self.dense), self._grads(self.expert), self.groups)
 
     def clip(self, max_norm: float) -> torch.Tensor:
         """Scale gradients so the global norm is <= ``max_norm`` (0 = no clipping); returns the norm."""
@@ -113,6 +114,17 @@ class GradSync:
             for p in self.dense + self.expert:
                 p.grad.mul_(scale)  # type: ignore[union-attr]
         return norm
+
+
+def global_grad_norm(
+    dense: list[torch.Tensor], expert: list[torch.Tensor], groups: ParallelGroups
+) -> torch.Tensor:
+    """``sqrt(dense_sq + sum_EP expert_sq)`` of reduced gradients (module docstring): the same
+    value on every rank. Collective over the EP group when EP > 1."""
+    dense_sq, expert_sq = _sq_norm(dense), _sq_norm(expert)
+    if groups.ep_size > 1:
+        dist.all_reduce(expert_sq, group=groups.ep_group)
+    return (dense_sq + expert_sq).sqrt()
 
 
 def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 Why: glibc serves large allocations (the [rows, F] activations of an MoE layer are tens of MB)
 with ``mmap`` and returns them to the kernel on ``free``, and trims the heap top the same way. The
-next step's tensors then start on fresh pages, and every 4 KiB page costs a fault on first
-touch: on the 2-core development VM ~2 us each, 20-30 k faults per step of the benchmark layer
-(``tools/bench_layer.py``), 4-5 % of its step time. ``mallopt(M_MMAP_MAX, 0)`` serves every
+next step's tensors then start on fresh pages, and every 4 KiB page of them costs a fault on
+first touch, a cost that grows with the activations (figures for the layer of
+``tools/bench_layer_cpu.py`` in docs/performance.md). ``mallopt(M_MMAP_MAX, 0)`` serves every
 allocation from the heap and ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)`` keeps up to 2 GiB of free
 heap top, so from the second step on, tensors land on pages that are already mapped. The cost:
 the resident size stays at the peak of a step, which a training process reaches every step

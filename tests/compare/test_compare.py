@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_helpers import write_corpus
+from train_helpers import tiny_data
 
 from moe_dist.compare import report
 from moe_dist.compare.arm_logs import RunLogError, read_run_log
@@ -30,25 +30,19 @@ STEPS, EVERY, LAST_N = 12, 4, 5
 
 
 def tiny_base(tmp: Path) -> Path:
-    data = {
-        "run": {"name": "c", "seed": 11, "log_every": 1000, "threads": 1},
-        "model": {
-            "dim": 32,
-            "n_layers": 2,
-            "n_heads": 2,
-            "max_seq_len": 32,
-            "moe": {
-                "num_experts": 4,
-                "router": {"name": "topk_softmax", "top_k": 2},
-                "experts": {"ffn_hidden_size": 32},
-            },
-        },
-        "optim": {"lr": 3e-3},
-        "schedule": {"steps": STEPS, "warmup_steps": 2},
-        "data": {"paths": [str(write_corpus(tmp))], "seq_len": 32, "micro_batch_size": 4},
-        "eval": {"every": EVERY, "batches": 2},
-        "checkpoint": {"every": 0, "keep": 1},
-    }
+    """tests/assets/tiny.yaml as a compare base: no balancing loss and no EP size of its own."""
+    data = tiny_data(
+        tmp,
+        "run.name=c",
+        "run.seed=11",
+        "run.log_every=1000",
+        "model.moe.losses=[]",
+        "model.moe.experts.ffn_hidden_size=32",
+        f"schedule.steps={STEPS}",
+        f"eval.every={EVERY}",
+        "checkpoint.keep=1",
+    )
+    del data["parallel"]["ep_size"]  # each arm's EP size comes from compare's --nproc
     path = tmp / "base.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -115,28 +109,28 @@ def expected_row(recs: list[dict], target: float | None, base_tokens: float | No
 def expected_drop_fraction(run_dir: Path, num_batches: int) -> float:
     """Drops at capacity factor 1.0 recomputed from the final checkpoint, by hand."""
     from moe_dist.config import config_from_dict
-    from moe_dist.data.corpus import TokenBatches, load_corpus
+    from moe_dist.data.batches import TokenBatches
     from moe_dist.models import build_model
     from moe_dist.parallel.groups import ParallelGroups
-    from moe_dist.training import checkpoint
+    from moe_dist.training import checkpoint, checkpoint_choice
 
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     g = ParallelGroups.single()
     model = build_model(cfg.model, g, seed=cfg.run.seed)
-    checkpoint.load(checkpoint.choose(run_dir / "checkpoints", g), model, None, g)
+    checkpoint.load(checkpoint_choice.choose(run_dir / "checkpoints", g), model, None, g)
     model.eval()
-    batches = TokenBatches(load_corpus(cfg.data), cfg.data, cfg.run.seed, cfg.model.vocab_size)
-    E, K = cfg.model.moe.num_experts, cfg.model.moe.router_cfg.top_k
+    batches = TokenBatches.for_run(cfg)
+    E, K = cfg.model.moe.num_experts, cfg.model.moe.router.top_k
     fractions = []
     for layer in model.moe_layers():
         seen: list[torch.Tensor] = []
         h = layer.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].flatten(0, -2)))
         for b in range(num_batches):
-            model(batches.val_batch(b)[0])
+            model(batches.val_batch(b).x_BS)
         h.remove()
         dropped = routed = 0
         for x_TH in seen:
-            ids = layer.router(x_TH).experts_TK.reshape(-1)
+            ids = layer.gate.router(x_TH).experts_TK.reshape(-1)
             counts = torch.bincount(ids, minlength=E)
             cap = math.ceil(x_TH.shape[0] * K / E)
             dropped += int((counts - cap).clamp(min=0).sum())

@@ -86,7 +86,7 @@ def test_megatron_layer_with_our_router_matches_native_on_cuda(megatron_world) -
     for spec in losses:
         got = float(tracker[spec["name"]]["values"][0])
         assert got == pytest.approx(float(aux[spec["name"]]) / spec["coef"], rel=1e-4)
-    torch.testing.assert_close(layer.router.plugin.tokens_per_expert_E, native.tokens_per_expert_E)
+    torch.testing.assert_close(layer.router.gate.tokens_per_expert_E, native.gate.tokens_per_expert_E)
 
 
 def test_short_training_run_lowers_the_loss(megatron_world) -> None:  # noqa: ANN001
@@ -106,7 +106,7 @@ def test_short_training_run_lowers_the_loss(megatron_world) -> None:  # noqa: AN
         opt.zero_grad(set_to_none=True)
         counts = after_step(layer)
         losses.append(float(loss))
-        assert float(counts[0].sum()) == 32 * 4 * 2
+        assert float(counts.counts_E[0].sum()) == 32 * 4 * 2
     assert losses[-1] < 0.7 * losses[0], losses
-    bias = layer.router.moe_router.expert_bias_E
+    bias = layer.router.gate.router.expert_bias_E
     assert float(bias.abs().sum()) > 0  # the aux-loss-free bias moved in after_step

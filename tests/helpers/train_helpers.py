@@ -1,11 +1,12 @@
-"""Tiny configs and rank bodies shared by the training, checkpoint and model tests."""
+"""The tiny test config (tests/assets/tiny.yaml and dotted overrides) and the training tests' rank body."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from moe_dist.config import Config, config_from_dict
+from moe_dist.config import Config, apply_overrides, config_from_dict, read_yaml
 
 TINY_TEXT = (
     "def add(a, b):\n    return a + b\n\n"
@@ -20,35 +21,27 @@ def write_corpus(tmp: Path) -> Path:
     return path
 
 
-def tiny_config(tmp: Path, **over: Any) -> Config:
-    """A 2-layer, 4-expert model on a small text file: a few dozen steps take seconds."""
-    data: dict[str, Any] = {
-        "run": {"name": "t", "out_dir": str(tmp / "runs"), "seed": 7, "log_every": 1000},
-        "model": {
-            "dim": 32,
-            "n_layers": 2,
-            "n_heads": 2,
-            "max_seq_len": 32,
-            "moe": {
-                "num_experts": 4,
-                "router": {"name": "topk_softmax", "top_k": 2},
-                "losses": [{"name": "switch", "coef": 0.01}],
-                "experts": {"ffn_hidden_size": 64},
-            },
-        },
-        "optim": {"lr": 3e-3},
-        "schedule": {"steps": 24, "warmup_steps": 4},
-        "data": {"paths": [str(write_corpus(tmp))], "seq_len": 32, "micro_batch_size": 4},
-        "eval": {"every": 0, "batches": 4},
-        "checkpoint": {"every": 0, "keep": 3},
-    }
-    for key, value in over.items():
-        node = data
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return config_from_dict(data)
+TINY_YAML = Path(__file__).resolve().parents[1] / "assets" / "tiny.yaml"
+# The training tests run longer than the launcher tests' 8 steps, so that losses visibly fall.
+TRAINING_RUN = ("run.name=t", "schedule.steps=24", "schedule.warmup_steps=4", "eval.batches=4")
+
+
+def tiny_data(tmp: Path, *overrides: str) -> dict[str, Any]:
+    """tests/assets/tiny.yaml on a small corpus in ``tmp``, runs under ``tmp/runs``, then
+    ``overrides`` (``a.b=value``, as ``--set`` takes them)."""
+    corpus = tmp / "corpus.txt"
+    if not corpus.exists():
+        write_corpus(tmp)
+    data = read_yaml(TINY_YAML)
+    where = [f"run.out_dir={json.dumps(str(tmp / 'runs'))}", f"data.paths=[{json.dumps(str(corpus))}]"]
+    errors = apply_overrides(data, [*where, *overrides])
+    assert not errors, errors
+    return data
+
+
+def tiny_config(tmp: Path, *overrides: str) -> Config:
+    """The 2-layer, 4-expert tiny model of the training tests: a few dozen steps take seconds."""
+    return config_from_dict(tiny_data(tmp, *TRAINING_RUN, *overrides))
 
 
 def train_body(
@@ -57,10 +50,11 @@ def train_body(
     """Train on this rank (dist is already initialised by run_on_ranks); results as plain data."""
     import io
 
+    from moe_dist.training.engines import engine_for
     from moe_dist.training.run import train
 
     stream = io.StringIO()
-    r = train(cfg, resume=resume, stop_after=stop_after, stream=stream)
+    r = train(cfg, engine_for(cfg), resume=resume, stop_after=stop_after, stream=stream)
     return {
         "losses": r.losses,
         "val": r.val_losses,

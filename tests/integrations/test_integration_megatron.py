@@ -81,15 +81,14 @@ def _router_case(rank: int, world_size: int, router: dict, losses: list[dict]) -
     native = MoELayer(cfg, H, ParallelGroups.build(world_size))
     mr = MoeDistRouter(transformer_config(cfg, world_size), moe_cfg=cfg)
     mr.set_layer_number(1)
-    mr.plugin.router.load_state_dict(native.router.state_dict())
+    mr.gate.router.load_state_dict(native.gate.router.state_dict())
     torch.manual_seed(50 + rank)
     S, B = 5, 3
     x_SBH = torch.randn(S, B, H)
     x_BSH = x_SBH.transpose(0, 1).contiguous()
     # native: batch-first tokens
     torch.manual_seed(9)
-    routing = native.router(x_BSH.reshape(-1, H))
-    aux = native._aux_losses(routing, routing.counts_E(), B, S)
+    routing, aux = native.gate(x_BSH.reshape(-1, H), B, S)
     sum(aux.values()).backward()
     # megatron: sequence-first tokens; probs carry the aux terms into the backward
     clear_aux_losses_tracker()
@@ -103,27 +102,25 @@ def _router_case(rank: int, world_size: int, router: dict, losses: list[dict]) -
     out = {
         "dprobs": float((probs_TE.detach() - want_probs.detach()[order]).abs().max()),
         "map_equal": bool(torch.equal(map_TE, want_map[order])),
-        "terms": {k: (float(v), float(mr.plugin.last_aux[k])) for k, v in aux.items()},
+        "terms": {k: (float(v), float(mr.gate.last_aux[k])) for k, v in aux.items()},
         "logged": {k: (float(tracker[k]["values"][0]), float(aux[k]) / coefs.get(k, 1.0)) for k in aux},
         "grads": {
-            n: float((p.grad - dict(mr.plugin.router.named_parameters())[n].grad).abs().max())
-            for n, p in native.router.named_parameters()
+            n: float((p.grad - dict(mr.gate.router.named_parameters())[n].grad).abs().max())
+            for n, p in native.gate.router.named_parameters()
             if p.grad is not None
         },
-        "weight_is_ours": mr.weight is mr.plugin.router.weight_EH,
-        "counts": torch.equal(mr.plugin.tokens_per_expert_E, native_counts(routing)),
+        "weight_is_ours": mr.weight is mr.gate.router.weight_EH,
+        "counts": torch.equal(mr.gate.tokens_per_expert_E, native_counts(routing)),
     }
     # the step hook: same global counts and router update as the native layer's finish_step
     from moe_dist.integrations.megatron import after_step
     from moe_dist.training.step_hook import finish_step
 
-    with torch.no_grad():
-        native.tokens_per_expert_E += routing.counts_E()  # the router alone ran, not the layer
     want, got = finish_step([native], ParallelGroups.build(world_size)), after_step(mr)
-    out["after_step"] = float((want[0] - got[0]).abs().max())
+    out["after_step"] = float((want.counts_E[0] - got.counts_E[0]).abs().max())
     out["state_equal"] = all(
         torch.equal(a, b)
-        for a, b in zip(native.router.state_dict().values(), mr.plugin.router.state_dict().values())
+        for a, b in zip(native.gate.router.state_dict().values(), mr.gate.router.state_dict().values())
     )
     return out
 
@@ -206,15 +203,15 @@ def _layer_case(router: dict, losses: list[dict], capacity_factor: float | None)
     return {
         "dy": float((y_SBH.transpose(0, 1) - y_BSH).abs().max()),
         "dgx": float((xs[0].grad.transpose(0, 1) - xs[1].grad).abs().max()),
-        "dgw": float((layer.router.plugin.router.weight.grad - native.router.weight.grad).abs().max()),
-        "dropped": (float(layer.router.plugin.dropped_tokens), float(native.dropped_tokens)),
+        "dgw": float((layer.router.gate.router.weight.grad - native.gate.router.weight.grad).abs().max()),
+        "dropped": (float(layer.router.gate.dropped_tokens), float(native.gate.dropped_tokens)),
     }
 
 
 @torch.no_grad()
 def copy_native_into_megatron(native, layer) -> None:  # noqa: ANN001
     """Router state, and SequentialMLP experts: fc1 = [w1; w3]^T (gated), fc2 = w2^T."""
-    layer.router.plugin.router.load_state_dict(native.router.state_dict())
+    layer.router.gate.router.load_state_dict(native.gate.router.state_dict())
     ex = native.experts
     for i, mlp in enumerate(layer.experts.local_experts):
         fc1 = ex.w1_eHF[i].t() if ex.w3_eHF is None else torch.cat([ex.w1_eHF[i].t(), ex.w3_eHF[i].t()])

@@ -12,7 +12,7 @@ import yaml
 from moe_dist.commands.launch import main
 from moe_dist.config import ConfigError
 from moe_dist.launcher import load_cluster_config
-from moe_dist.launcher.cluster_config import cluster_from_dict
+from moe_dist.launcher.cluster_loading import cluster_from_dict
 from moe_dist.launcher.hostfile import parse_hostfile
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ import yaml
 
 from moe_dist.commands.launch import build_plan, main
 from moe_dist.launcher import load_cluster_config
-from moe_dist.launcher.cluster_config import cluster_from_dict
+from moe_dist.launcher.cluster_loading import cluster_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 EVIL = '"; rm -rf / #'

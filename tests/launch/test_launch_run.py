@@ -88,3 +88,30 @@ def test_deepspeed_launcher_two_ranks_match_local(tmp_path: Path, reference: dic
     assert (tmp_path / "launch" / "ds" / "hostfile").read_text() == "localhost slots=2\n"
     assert "world 2" in out.stderr
     assert_same_losses(logged_losses(tmp_path / "runs" / "tiny"), reference)
+
+
+def test_plain_mpirun_without_master_addr_trains_and_matches_local(
+    tmp_path: Path, reference: dict[int, float]
+) -> None:
+    """``mpirun -np 2 moe-dist train ...`` with no MASTER_ADDR/PORT: mpi4py broadcasts rank 0's
+    address and a free port (parallel/startup.py), and the run equals the torchrun one."""
+    import os
+    import shutil
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+    }
+    cmd = [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2"]
+    cmd += [
+        "-x",
+        "OMP_NUM_THREADS=1",
+        sys.executable,
+        "-m",
+        "moe_dist.cli",
+        *tiny_train(tmp_path, tmp_path / "runs"),
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 2" in out.stderr + out.stdout
+    assert_same_losses(logged_losses(tmp_path / "runs" / "tiny"), reference)

@@ -77,7 +77,7 @@ def test_activation_checkpointing_same_grads_and_counts_once(early_stop: bool) -
         with set_checkpoint_early_stop(early_stop):
             logits, aux, _ = model(x)
             (logits.float().logsumexp(-1).mean() + aux).backward()
-        counts = [m.tokens_per_expert_E.clone() for m in model.moe_layers()]
+        counts = [m.gate.tokens_per_expert_E.clone() for m in model.moe_layers()]
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         results.append((counts, grads))
     (c0, g0), (c1, g1) = results
@@ -91,3 +91,53 @@ def test_activation_checkpointing_same_grads_and_counts_once(early_stop: bool) -
 def test_untied_embeddings_have_an_output_matrix() -> None:
     model = build_model(_model_cfg(tie_embeddings=False), seed=0)
     assert model.output is not None and model.output.weight.shape == (256, 32)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads() -> None:
+    """n_kv_heads=1 with 2 query heads is full attention whose 2 k (and v) heads are equal copies."""
+    gqa = build_model(_model_cfg(n_kv_heads=1, dense_layers=0), seed=5).eval()
+    full = build_model(_model_cfg(dense_layers=0), seed=5).eval()
+    gqa_sd = gqa.state_dict()
+    full_sd = {k: v.clone() for k, v in gqa_sd.items() if "wqkv" not in k}
+    D = 16  # head dim: 32 / 2 heads
+    for name, w in gqa_sd.items():
+        if "wqkv" in name:
+            q, k, v = w.split([2 * D, D, D])
+            full_sd[name] = torch.cat([q, k, k, v, v])
+    full.load_state_dict(full_sd)
+    assert gqa.blocks[0].attn.wqkv.weight.shape == (4 * D, 32)
+    tokens_BS = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(tokens_BS)[0], full(tokens_BS)[0], rtol=0, atol=1e-5)
+
+
+def test_qk_norm_adds_per_head_norms_and_stays_causal() -> None:
+    model = build_model(_model_cfg(qk_norm=True, n_kv_heads=1), seed=2).eval()
+    names = {n for n, _ in model.named_parameters()}
+    assert {"blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight"} <= names
+    assert model.blocks[0].attn.q_norm.weight.shape == (16,)
+    x = torch.randint(0, 256, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0][:, :10], model(y)[0][:, :10])
+
+
+def test_kv_cache_logits_equal_full_forward() -> None:
+    from moe_dist.models.attention import KVCache
+
+    model = build_model(_model_cfg(qk_norm=True, n_kv_heads=1), seed=4).eval()
+    tokens_BS = torch.randint(0, 256, (2, 12))
+    cache = [KVCache() for _ in model.blocks]
+    with torch.no_grad():
+        full_BSV = model(tokens_BS)[0]
+        # prefill, a chunk after cached positions, then one token at a time
+        steps = [model(tokens_BS[:, :5], cache=cache)[0], model(tokens_BS[:, 5:8], cache=cache)[0]]
+        steps += [model(tokens_BS[:, s : s + 1], cache=cache)[0] for s in range(8, 12)]
+    assert cache[0].length == 12
+    torch.testing.assert_close(torch.cat(steps, dim=1), full_BSV, rtol=0, atol=1e-5)
+
+
+def test_n_kv_heads_must_divide_n_heads() -> None:
+    with pytest.raises(Exception, match=r"n_kv_heads.*must divide model.n_heads \(2\)"):
+        _model_cfg(n_kv_heads=3)

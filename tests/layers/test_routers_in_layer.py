@@ -71,22 +71,24 @@ def _body(rank: int, world: int, paths: list[str]) -> list[dict]:
         finish_step([layer], groups)
         out.append(
             {
-                "router": type(layer.router).registry_name,
+                "router": type(layer.gate.router).registry_name,
                 "y_finite": bool(torch.isfinite(y).all()) and y.shape == x.shape,
                 "aux": {k: float(v) for k, v in aux.items()},
                 "x_grad_finite": x.grad is not None and bool(torch.isfinite(x.grad).all()),
                 "missing_grads": [n for n, g in grads.items() if g is None],
                 "bad_grads": [n for n, g in grads.items() if g is not None and not torch.isfinite(g).all()],
                 "router_grad_norm": sum(
-                    float(g.norm()) for n, g in grads.items() if n.startswith("router.") and g is not None
+                    float(g.norm())
+                    for n, g in grads.items()
+                    if n.startswith("gate.router.") and g is not None
                 ),
                 "buffers": {
                     n: b.clone()
-                    for n, b in layer.router.named_buffers()
+                    for n, b in layer.gate.router.named_buffers()
                     if n in ("expert_bias_E", "ema_sums_ED")
                 },
-                "keys": layer.router.expert_keys.detach().clone()
-                if hasattr(layer.router, "expert_keys")
+                "keys": layer.gate.router.expert_keys.detach().clone()
+                if hasattr(layer.gate.router, "expert_keys")
                 else None,
             }
         )

@@ -84,12 +84,12 @@ def _weights() -> dict:
 def _run(layer: MoELayer, wts: dict, rank: int) -> tuple[torch.Tensor, float, list[float]]:
     lo, e = layer.experts.first_expert, layer.num_local_experts
     with torch.no_grad():
-        layer.router.weight.copy_(wts["router"])
+        layer.gate.router.weight.copy_(wts["router"])
         layer.experts.w1_eHF.copy_(wts["w1"][lo : lo + e])
         layer.experts.w3_eHF.copy_(wts["w3"][lo : lo + e])
         layer.experts.w2_eFH.copy_(wts["w2"][lo : lo + e])
     y, _ = layer(wts["x"][rank])
-    return y.detach(), float(layer.dropped_tokens), layer.tokens_per_expert_E.tolist()
+    return y.detach(), float(layer.gate.dropped_tokens), layer.gate.tokens_per_expert_E.tolist()
 
 
 @pytest.mark.parametrize("cf", [0.5, 1.0])

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from rank_processes import run_on_ranks
 
 from moe_dist.parallel.all_to_all import exchange_counts
-from moe_dist.parallel.chunk_exchange import ChunkPlan, exchange_chunks
+from moe_dist.parallel.chunk_exchange import exchange_chunks
+from moe_dist.parallel.chunk_plan import ChunkPlan
 from moe_dist.parallel.shm_transport import SHM_DIR, ShmTransport
 
 H = 160  # float64 rows of 1.25 kB: a few hundred rows outgrow the first 1 MiB outbox slot

@@ -70,7 +70,7 @@ def _body(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     layer = MoELayer(config_from_dict(layer_cfg()).model.moe, H, groups)
     _, aux = layer(x)
-    (grad,) = torch.autograd.grad(aux["global_batch"], layer.router.weight)
+    (grad,) = torch.autograd.grad(aux["global_batch"], layer.gate.router.weight)
     return {"by_hand": by_hand, "layer_aux": aux["global_batch"].detach(), "layer_grad": grad}
 
 

@@ -70,7 +70,7 @@ def run_layer(layer: MoELayer, case: dict, rank: int) -> dict:
     lo = layer.experts.first_expert
     sl = slice(lo, lo + layer.num_local_experts)
     with torch.no_grad():
-        layer.router.weight.copy_(case["router_EH"])
+        layer.gate.router.weight.copy_(case["router_EH"])
         layer.experts.w1_eHF.copy_(case["w1"][sl])
         if layer.experts.w3_eHF is not None:
             layer.experts.w3_eHF.copy_(case["w3"][sl])
@@ -92,7 +92,7 @@ def _body(rank: int, world: int, ep_size: int) -> dict:
         layer = build_layer(scenario, groups)
         res = run_layer(layer, make_case(scenario, world), rank)
         # what the trainer does: dense grads over the world, expert grads over expert-DP
-        grads = {"router": layer.router.weight.grad}
+        grads = {"router": layer.gate.router.weight.grad}
         if layer.shared_experts is not None:
             grads.update(s1=layer.shared_experts.w1_HF.grad, s2=layer.shared_experts.w2_FH.grad)
         for v in grads.values():
@@ -103,7 +103,7 @@ def _body(rank: int, world: int, ep_size: int) -> dict:
         res.update(
             grads=grads,
             first_expert=layer.experts.first_expert,
-            received=layer.received_per_local_expert_e.clone(),
+            received=layer.gate.received_per_local_expert_e.clone(),
         )
         out[scenario["name"]] = res
     return out
@@ -182,7 +182,7 @@ def test_ep1_matches_dense_reference(grouped_mm: bool) -> None:
         layer.experts.force_grouped_mm = grouped_mm
         assert layer.experts.use_grouped_mm(torch.zeros(1, H)) == grouped_mm  # CPU supports it
         res = run_layer(layer, make_case(scenario, 1), 0)
-        res["grads"] = {"router": layer.router.weight.grad, **dict(layer.experts.named_parameters())}
+        res["grads"] = {"router": layer.gate.router.weight.grad, **dict(layer.experts.named_parameters())}
         res["grads"] = {
             k: (v.grad if isinstance(v, torch.nn.Parameter) else v) for k, v in res["grads"].items()
         }
@@ -210,9 +210,10 @@ def test_ep1_dispatch_without_host_counts_is_the_same(monkeypatch: pytest.Monkey
         torch.manual_seed(0)
         layer = build_layer(scenario, ParallelGroups.single())
         layer.experts.force_grouped_mm = True  # the GPU path: it reads counts on the device
-        route = layer.router.forward
+        router = layer.gate.router
+        route = router.forward
         monkeypatch.setattr(
-            layer.router, "forward", lambda x, f=every_slot_used, r=route: replace(r(x), every_slot_used=f)
+            router, "forward", lambda x, f=every_slot_used, r=route: replace(r(x), every_slot_used=f)
         )
         host_reads.clear()
         monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)

@@ -68,6 +68,28 @@ def test_empty_load_is_finite() -> None:
     assert all(math.isfinite(v) for v in m.load_summary(z, dropped=0.0).values())
 
 
+def test_one_expert_is_balanced() -> None:
+    one = t([6.0])
+    assert (m.gini(one), m.min_max_ratio(one), m.coefficient_of_variation(one)) == (0.0, 1.0, 0.0)
+    assert (m.normalized_entropy(one), m.max_violation(one), m.dead_experts(one)) == (1.0, 0.0, 0)
+    assert m.dead_experts(t([0.0])) == 1 and m.dead_fraction(t([0.0])) == 1.0
+
+
+def test_batched_forms_are_per_layer_with_their_options() -> None:
+    """``*_L`` on a stack: row l is the per-layer value of layer l, whatever the other rows
+    hold (an empty layer next to a busy one), options included."""
+    counts_LE = torch.stack([t([3.0, 1.0, 4.0, 2.0]), torch.zeros(4), t([0.0, 0.0, 7.0, 0.0])])
+    cv_L = m.coefficient_of_variation_L(counts_LE, unbiased=False)
+    assert cv_L.tolist() == pytest.approx([math.sqrt(1.25) / 2.5, 0.0, math.sqrt(3)])
+    assert m.dead_experts_L(counts_LE, threshold=1.0).tolist() == [1.0, 4.0, 3.0]
+    assert m.dead_fraction_L(counts_LE, threshold=1.0).tolist() == [0.25, 1.0, 0.75]
+    assert m.gini_L(counts_LE).tolist() == pytest.approx([0.25, 0.0, 0.75])
+    assert m.normalized_entropy_L(counts_LE)[1:].tolist() == [1.0, 0.0]
+    assert m.min_max_ratio_L(counts_LE).tolist() == [0.25, 1.0, 0.0]
+    assert m.max_violation_L(counts_LE).tolist() == pytest.approx([0.6, 0.0, 3.0])
+    assert m.load_stats_L(torch.zeros(0, 4))["gini"].shape == (0,)  # no MoE layers
+
+
 def test_dropped_fraction_and_summary() -> None:
     assert m.dropped_fraction(3, 12) == 0.25 and m.dropped_fraction(0, 0) == 0.0
     s = m.load_summary(t([3.0, 1.0, 4.0, 2.0]), dropped=torch.tensor(2.0))

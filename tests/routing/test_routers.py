@@ -311,8 +311,8 @@ def test_yaml_names_select_routers() -> None:
         cfg = config_from_dict(
             {"model": {"dim": 16, "moe": {"num_experts": 4, "router": {"name": name, **extra}}}}
         )
-        assert isinstance(cfg.model.moe.router_cfg, ROUTERS.get(name).Config)
-        assert cfg.model.moe.router_cfg.name == name
+        assert isinstance(cfg.model.moe.router, ROUTERS.get(name).Config)
+        assert cfg.model.moe.router.name == name
     with pytest.raises(ConfigError, match="model.moe.router.n_group: must divide num_experts"):
         config_from_dict(
             {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
 import socket
 import ssl
@@ -25,8 +26,8 @@ from moe_dist.config import ConfigError, TelemetryConfig, config_from_dict
 from moe_dist.layers.moe_layer import MoELayer
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.telemetry import Telemetry, start_telemetry
-from moe_dist.telemetry.accumulator import StatsAccumulator, StepInputs
-from moe_dist.training.step_hook import finish_step
+from moe_dist.telemetry.accumulator import StatsAccumulator
+from moe_dist.training.step_hook import StepCounts, finish_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -215,7 +216,7 @@ def test_a_lagging_publisher_loses_nothing() -> None:
 
     def step() -> None:
         z = torch.zeros(())
-        acc.add(StepInputs([c], [c], [z], [c[:2].sum()], 0.1, 0.2), step_seconds=1.0, tokens=4)
+        acc.add(StepCounts([c], [c], [z], [c[:2].sum()], 0.1, 0.2), step_seconds=1.0, tokens=4)
 
     step()
     first = acc.snapshot([], 1, {})
@@ -232,23 +233,59 @@ def test_a_lagging_publisher_loses_nothing() -> None:
     assert second.views()["counts_LE"].tolist() == [[1.0, 2.0, 3.0, 0.0]]  # untouched by the reuse
 
 
-def test_batched_load_stats_equal_moe_dist_metrics() -> None:
-    from moe_dist.metrics import load_summary
-    from moe_dist.telemetry.load_stats import load_stats_L
+def _reference_load_stats(load: list[float]) -> dict[str, float]:
+    """One layer's load metrics written out in Python floats (float64), apart from
+    ``moe_dist.metrics``: the definitions of its module docstring, with its edge cases."""
+    n, total = len(load), math.fsum(load)
+    mean, top, low = total / n, max(load), min(load)
+    dead = sum(p <= 0 for p in load)
+    out = {"gini": 0.0, "cv": 0.0, "normalized_entropy": 1.0}  # an all-zero load or one expert
+    if n > 1 and total > 0:
+        out["gini"] = math.fsum((2 * i - n - 1) * p for i, p in enumerate(sorted(load), 1)) / (n * total)
+        out["cv"] = math.sqrt(math.fsum((p - mean) ** 2 for p in load) / (n - 1)) / mean
+        entropy = -math.fsum(p / total * math.log(p / total) for p in load if p > 0)
+        out["normalized_entropy"] = entropy / math.log(n)
+    out["min_max_ratio"] = low / top if top > 0 else 1.0
+    out["max_violation"] = top / mean - 1 if mean > 0 else 0.0
+    out["dead_experts"], out["dead_fraction"] = float(dead), dead / n
+    return out
+
+
+@pytest.mark.parametrize("experts", [8, 1])
+def test_batched_load_stats_match_a_float64_reference(experts: int) -> None:
+    """The exporter's batched form, every layer at once, against the hand-written formulas; the
+    per-layer ``load_summary`` (the same code on one layer) agrees too."""
+    from moe_dist.metrics import load_stats_L, load_summary
 
     torch.manual_seed(0)
+    E = experts
     counts_LE = torch.cat(
         [
-            torch.randint(0, 50, (4, 8)).float(),
-            torch.tensor([[0.0] * 8, [5.0] * 8, [0, 0, 0, 0, 0, 0, 0, 9.0], [1e6, 0, 3, 0, 0, 0, 0, 0]]),
+            torch.randint(0, 50, (4, E)).float(),
+            torch.zeros(1, E),  # no tokens yet
+            torch.full((1, E), 5.0),  # uniform
+            torch.tensor([[0.0] * (E - 1) + [9.0]]),  # one expert takes everything
+            torch.tensor([[1e6, 0, 3, 0, 0, 0, 0, 0][:E]]),
         ]
     )
     got = load_stats_L(counts_LE)
+    assert set(got) == {
+        "gini",
+        "min_max_ratio",
+        "cv",
+        "normalized_entropy",
+        "max_violation",
+        "dead_experts",
+        "dead_fraction",
+    }
+    assert all(v.shape == (counts_LE.shape[0],) and v.dtype == torch.float64 for v in got.values())
     for i, counts_E in enumerate(counts_LE):
-        want = load_summary(counts_E)
-        for key in ("gini", "min_max_ratio", "cv", "normalized_entropy", "max_violation", "dead_experts"):
-            assert got[key][i] == pytest.approx(want[key], rel=1e-12, abs=1e-12), (key, i)
-        assert got["max_mean_ratio"][i] == pytest.approx(want["max_violation"] + 1)
+        want = _reference_load_stats(counts_E.tolist())
+        one = load_summary(counts_E)
+        for key, value in want.items():
+            assert float(got[key][i]) == pytest.approx(value, rel=1e-12, abs=1e-12), (key, i)
+            # the same code on one row: equal up to the order of a reduction's additions
+            assert one[key] == pytest.approx(float(got[key][i]), rel=1e-14, abs=1e-15), (key, i)
 
 
 def test_a_pushgateway_that_never_answers_costs_only_the_timeout(caplog: pytest.LogCaptureFixture) -> None:

@@ -26,6 +26,7 @@ import torch
 import yaml
 from prometheus_server import ROOT, PrometheusServer, need, values_by
 from rank_processes import free_port
+from train_helpers import tiny_data
 
 from moe_dist.metrics import load_summary
 
@@ -46,35 +47,30 @@ class Live:
 
 
 def tiny_config(tmp: Path, job: str, sd_dir: Path) -> Path:
-    cfg = {
-        "run": {"name": "live", "out_dir": str(tmp / "runs"), "log_every": 10, "job_id": job, "threads": 1},
-        "model": {
-            "vocab_size": 256,
-            "dim": 32,
-            "n_layers": LAYERS,
-            "n_heads": 2,
-            "max_seq_len": 32,
-            "moe": {
-                "num_experts": EXPERTS,
-                "router": {"name": "topk_sigmoid_bias", "top_k": 2},
-                "losses": [{"name": "switch", "coef": 0.01}],
-                "experts": {"ffn_hidden_size": 32},
-            },
-        },
-        "parallel": {"ep_size": EP},
-        "schedule": {"steps": STEPS, "warmup_steps": 2},
-        "data": {"max_bytes": 200_000, "seq_len": 32, "micro_batch_size": 4},
-        "eval": {"every": 0, "batches": 1},
-        "telemetry": {
-            "enabled": True,
-            "port_base": free_port(),
-            "file_sd_path": f"{sd_dir}/",
-            "linger_s": 600,
-            "wait_for_scrape_s": 60,  # Prometheus sees the run from its first step
-            # not a divisor of STEPS: the last, partial interval must be published at the end
-            "interval_steps": 3,
-        },
+    """tests/assets/tiny.yaml with live telemetry, the aux-loss-free bias router and STEPS steps."""
+    telemetry = {
+        "enabled": True,
+        "port_base": free_port(),
+        "file_sd_path": f"{sd_dir}/",
+        "linger_s": 600,
+        "wait_for_scrape_s": 60,  # Prometheus sees the run from its first step
+        # not a divisor of STEPS: the last, partial interval must be published at the end
+        "interval_steps": 3,
     }
+    cfg = tiny_data(
+        tmp,
+        "run.name=live",
+        "run.log_every=10",
+        f"run.job_id={job}",
+        f"model.n_layers={LAYERS}",
+        f"model.moe.num_experts={EXPERTS}",
+        "model.moe.router.name=topk_sigmoid_bias",
+        "model.moe.experts.ffn_hidden_size=32",
+        f"parallel.ep_size={EP}",
+        f"schedule.steps={STEPS}",
+        "eval.batches=1",
+        f"telemetry={json.dumps(telemetry)}",
+    )
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

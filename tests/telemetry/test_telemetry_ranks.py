@@ -71,7 +71,7 @@ def _rank_body(rank: int, world_size: int, sd_dir: str) -> dict:
         for layer in layers:
             x, _ = layer(x)
         counts = finish_step(layers, groups)
-        routed += torch.stack(list(counts))
+        routed += torch.stack(counts.counts_E)
         received += torch.stack(counts.received_E)
         dropped += torch.stack(counts.dropped)
         tel.on_step(step, layers, counts, step_seconds=0.1, tokens=16)

@@ -9,17 +9,19 @@ import pytest
 from rank_processes import run_on_ranks
 from train_helpers import tiny_config, train_body
 
-from moe_dist.training import checkpoint
+from moe_dist.training import checkpoint_choice
 
 
 @pytest.mark.slow
 def test_kill_and_resume_is_exact_and_corrupt_newest_falls_back(tmp_path: Path) -> None:
-    full = run_on_ranks(train_body, 2, (tiny_config(tmp_path, parallel__ep_size=2, checkpoint__every=8),))[0]
+    full = run_on_ranks(train_body, 2, (tiny_config(tmp_path, "parallel.ep_size=2", "checkpoint.every=8"),))[
+        0
+    ]
     # the same run (other name), stopped after step 16 as if killed: checkpoints 8 and 16 exist
-    cfg = tiny_config(tmp_path, parallel__ep_size=2, checkpoint__every=8, run__name="killed")
+    cfg = tiny_config(tmp_path, "parallel.ep_size=2", "checkpoint.every=8", "run.name=killed")
     run_on_ranks(train_body, 2, (cfg, None, 16))
     root = tmp_path / "runs" / "killed" / "checkpoints"
-    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_000008", "step_000016"]
+    assert [p.name for p in checkpoint_choice.list_checkpoints(root)] == ["step_000008", "step_000016"]
     assert (root / "latest").read_text().strip() == "step_000016"
     shutil.copytree(tmp_path / "runs" / "killed", tmp_path / "runs" / "copy")
 
@@ -49,12 +51,14 @@ def test_ep2_checkpoint_resumes_at_ep1_and_ep4(tmp_path: Path) -> None:
     - at EP=1 (DP=2) on the same 2 ranks, training continues with the same losses as the
       uninterrupted EP=2 run (same batches; expert moments resliced correctly).
     """
-    base = tiny_config(tmp_path, parallel__ep_size=2, schedule__steps=16, checkpoint__every=8, eval__every=8)
+    base = tiny_config(
+        tmp_path, "parallel.ep_size=2", "schedule.steps=16", "checkpoint.every=8", "eval.every=8"
+    )
     ep2 = run_on_ranks(train_body, 2, (base,))[0]
     step8 = str(tmp_path / "runs" / "t" / "checkpoints" / "step_000008")
 
     def at(ep: int, name: str, steps: int):  # noqa: ANN202
-        return tiny_config(tmp_path, parallel__ep_size=ep, schedule__steps=steps, run__name=name)
+        return tiny_config(tmp_path, f"parallel.ep_size={ep}", f"schedule.steps={steps}", f"run.name={name}")
 
     # nothing left to train at steps=8: these runs load and evaluate
     ep1 = train_body(0, 1, at(1, "ep1", 8), step8)
@@ -70,8 +74,8 @@ def test_ep2_checkpoint_resumes_at_ep1_and_ep4(tmp_path: Path) -> None:
 
 
 def test_verify_reports_missing_and_corrupt_files(tmp_path: Path) -> None:
-    assert checkpoint.verify(tmp_path) is not None  # no meta.json
-    assert checkpoint.candidates(tmp_path / "nothing") == []
+    assert checkpoint_choice.verify(tmp_path) is not None  # no meta.json
+    assert checkpoint_choice.candidates(tmp_path / "nothing") == []
 
 
 def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path: Path) -> None:
@@ -79,12 +83,12 @@ def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path: Path
 
     step = tmp_path / "step_000004"
     step.mkdir()
-    meta = {"format": checkpoint.FORMAT, "engine": "deepspeed", "step": 4, "files": {}}
+    meta = {"format": checkpoint_choice.FORMAT, "engine": "deepspeed", "step": 4, "files": {}}
     (step / "meta.json").write_text(json.dumps(meta))
-    assert checkpoint.read_meta(step, "deepspeed")["step"] == 4
-    with pytest.raises(checkpoint.CheckpointError, match="written by parallel.engine deepspeed"):
-        checkpoint.read_meta(step, "native")
+    assert checkpoint_choice.read_meta(step, "deepspeed")["step"] == 4
+    with pytest.raises(checkpoint_choice.CheckpointError, match="written by parallel.engine deepspeed"):
+        checkpoint_choice.read_meta(step, "native")
     del meta["engine"]  # checkpoints from before the field: the native trainer's
     (step / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(checkpoint.CheckpointError, match="written by parallel.engine native"):
-        checkpoint.read_meta(step, "deepspeed")
+    with pytest.raises(checkpoint_choice.CheckpointError, match="written by parallel.engine native"):
+        checkpoint_choice.read_meta(step, "deepspeed")

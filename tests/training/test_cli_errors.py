@@ -30,12 +30,28 @@ CASES = [
     ("check", ["schedule.warmup_steps=5000"], "schedule.warmup_steps: must be <= schedule.steps"),
     ("check", ["data.seq_len=512"], "data.seq_len: must be <= model.max_seq_len (128), got 512"),
     ("check", ["model.moe.losses.0.name=nope"], "model.moe.losses.0.name: unknown"),
-    ("check", ["model.n_heads=3"], "dim (128) must be divisible by n_heads (3)"),
+    ("check", ["model.n_heads=3"], "model.dim: must be divisible by model.n_heads (3), got 128\n"),
     ("check", ["model.dim"], "--set 'model.dim': expected KEY=VALUE"),
     (
         "check",
         ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
         "parallel.zero_stage: DeepSpeed MoE layers do not support ZeRO stage 3",
+    ),
+    (
+        "train",
+        ["parallel.ep_size=1", "parallel.data_parallel=fsdp"],
+        "parallel.data_parallel: fsdp shards over the data-parallel ranks, and a single process has none",
+    ),
+    ("check", ["checkpoint.async=true"], "checkpoint.async: needs checkpoint.format dcp"),
+    (
+        "check",
+        ["parallel.data_parallel=fsdp", "checkpoint.format=torch"],
+        "checkpoint.format: torch gathers the whole model on rank 0; under fsdp use dcp",
+    ),
+    (
+        "check",
+        ["parallel.engine=deepspeed", "parallel.data_parallel=fsdp"],
+        "parallel.data_parallel: fsdp is the native engine's",
     ),
 ]
 

@@ -31,10 +31,10 @@ def test_model_shapes_are_what_their_names_say() -> None:
     mixtral = load_config(ROOT / "configs/models/mixtral_tiny.yaml").model.moe
     qwen = load_config(ROOT / "configs/models/qwen3_moe_tiny.yaml").model.moe
     deepseek = load_config(ROOT / "configs/models/deepseek_v3_tiny.yaml")
-    assert (mixtral.num_experts, mixtral.router_cfg.top_k) == (8, 2)
-    assert qwen.num_experts >= 64 and qwen.router_cfg.top_k == 8
+    assert (mixtral.num_experts, mixtral.router.top_k) == (8, 2)
+    assert qwen.num_experts >= 64 and qwen.router.top_k == 8
     assert deepseek.model.moe.shared_experts.count == 1 and deepseek.model.dense_layers == 1
-    assert deepseek.model.moe.router_cfg.name == "topk_sigmoid_bias"
+    assert deepseek.model.moe.router.name == "topk_sigmoid_bias"
 
 
 def test_check_cli_prints_the_resolved_config_with_overrides() -> None:

@@ -36,7 +36,7 @@ def _layers(groups: ParallelGroups) -> list[MoELayer]:
     torch.manual_seed(0)
     layers = [MoELayer(cfg, H, groups) for _ in range(2)]
     for layer in layers:
-        layer.router = AfterStepRecorder(cfg.router_cfg, H, E)
+        layer.gate.router = AfterStepRecorder(cfg.router, H, E)
     return layers
 
 
@@ -51,15 +51,15 @@ def _step(layers: list[MoELayer], rank: int, groups: ParallelGroups) -> dict:
         counts = torch.zeros(E)
         for x in _micro_batches(rank):
             y, _ = layer(x)
-            counts += layer.router(x.reshape(-1, H)).counts_E()
+            counts += layer.gate.router(x.reshape(-1, H)).counts_E()
         local.append(counts)
     global_counts = finish_step(layers, groups)
     return {
         "local": local,
-        "global": global_counts,
-        "seen": [layer.router.seen_E.clone() for layer in layers],
-        "calls": [layer.router.calls for layer in layers],
-        "after_reset": [float(layer.tokens_per_expert_E.sum()) for layer in layers],
+        "global": global_counts.counts_E,
+        "seen": [layer.gate.router.seen_E.clone() for layer in layers],
+        "calls": [layer.gate.router.calls for layer in layers],
+        "after_reset": [float(layer.gate.tokens_per_expert_E.sum()) for layer in layers],
     }
 
 
@@ -89,31 +89,31 @@ def test_finish_step_single_process_and_eval_leaves_stats_alone() -> None:
     x = _micro_batches(0)[0]
     layer(x)
     before = (
-        layer.tokens_per_expert_E.clone(),
-        layer.received_per_local_expert_e.clone(),
-        dict(layer.last_aux),
+        layer.gate.tokens_per_expert_E.clone(),
+        layer.gate.received_per_local_expert_e.clone(),
+        dict(layer.gate.last_aux),
     )
     layer.eval()
     with torch.no_grad():
         y, aux = layer(x)
-    assert torch.equal(layer.tokens_per_expert_E, before[0])
-    assert torch.equal(layer.received_per_local_expert_e, before[1])
-    assert layer.last_aux == before[2]
-    assert float(layer.tokens_per_expert_E.sum()) == 2 * x.shape[0] * x.shape[1]
+    assert torch.equal(layer.gate.tokens_per_expert_E, before[0])
+    assert torch.equal(layer.gate.received_per_local_expert_e, before[1])
+    assert layer.gate.last_aux == before[2]
+    assert float(layer.gate.tokens_per_expert_E.sum()) == 2 * x.shape[0] * x.shape[1]
     layer.train()
     layer(x)
-    assert float(layer.tokens_per_expert_E.sum()) == 2 * 2 * x.shape[0] * x.shape[1]
+    assert float(layer.gate.tokens_per_expert_E.sum()) == 2 * 2 * x.shape[0] * x.shape[1]
 
 
 def test_timing_accumulates_only_when_asked_and_resets() -> None:
     layer = _layers(ParallelGroups.single())[0]
     x = _micro_batches(0)[0]
     layer(x)
-    assert layer.a2a_seconds == 0.0 and layer.expert_seconds == 0.0
-    layer.timing = True
+    assert layer.gate.a2a_seconds == 0.0 and layer.gate.expert_seconds == 0.0
+    layer.gate.timing = True
     layer(x)
     layer(x)
-    assert layer.a2a_seconds > 0.0 and layer.expert_seconds > 0.0
-    layer.reset_stats()
-    assert layer.a2a_seconds == 0.0 and layer.expert_seconds == 0.0
-    assert float(layer.tokens_per_expert_E.sum()) == 0.0 and float(layer.dropped_tokens) == 0.0
+    assert layer.gate.a2a_seconds > 0.0 and layer.gate.expert_seconds > 0.0
+    layer.gate.reset_stats()
+    assert layer.gate.a2a_seconds == 0.0 and layer.gate.expert_seconds == 0.0
+    assert float(layer.gate.tokens_per_expert_E.sum()) == 0.0 and float(layer.gate.dropped_tokens) == 0.0

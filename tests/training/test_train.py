@@ -17,8 +17,8 @@ def test_loss_falls_and_ep2_equals_ep1_dp2(tmp_path: Path) -> None:
     """World 2: EP=1 (DP=2) and EP=2 read the same batches (data rank = global rank), start from
     the same weights (experts drawn in global order) and reduce gradients to the same mean, so
     their loss curves agree to float round-off."""
-    dp = run_on_ranks(train_body, 2, (tiny_config(tmp_path, parallel__ep_size=1, run__name="dp"),))
-    ep = run_on_ranks(train_body, 2, (tiny_config(tmp_path, parallel__ep_size=2, run__name="ep"),))
+    dp = run_on_ranks(train_body, 2, (tiny_config(tmp_path, "parallel.ep_size=1", "run.name=dp"),))
+    ep = run_on_ranks(train_body, 2, (tiny_config(tmp_path, "parallel.ep_size=2", "run.name=ep"),))
     a, b = dp[0]["losses"], ep[0]["losses"]
     assert dp[0]["losses"] == dp[1]["losses"] and ep[0]["losses"] == ep[1]["losses"]  # ranks agree
     assert sorted(a) == list(range(1, 25))
@@ -43,11 +43,11 @@ def test_non_finite_steps_are_skipped_on_every_rank(tmp_path: Path) -> None:
     steps and say so, instead of writing NaN into the weights and crashing."""
     cfg = tiny_config(
         tmp_path,
-        parallel__ep_size=2,
-        optim__lr=1e30,
-        optim__grad_clip=0.0,
-        schedule__steps=6,
-        schedule__warmup_steps=0,
+        "parallel.ep_size=2",
+        "optim.lr=1.0e30",
+        "optim.grad_clip=0.0",
+        "schedule.steps=6",
+        "schedule.warmup_steps=0",
     )
     out = run_on_ranks(train_body, 2, (cfg,))
     assert out[0]["skipped"] and out[0]["skipped"] == out[1]["skipped"]

@@ -1,27 +1,16 @@
-"""Byte-level data: sources, deterministic per-rank batches, token files, clear errors."""
+"""Byte-level text corpora: sources, splits by file, deterministic per-rank batches, clear errors."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from moe_dist.config import DataConfig
-from moe_dist.data.corpus import (
-    DataError,
-    TokenBatches,
-    is_validation_file,
-    load_corpus,
-    read_token_file,
-    stdlib_files,
-)
-
-ROOT = Path(__file__).resolve().parents[2]
+from moe_dist.data.batches import TokenBatches
+from moe_dist.data.corpus import is_validation_file, load_corpus, stdlib_files
+from moe_dist.data.errors import DataError
 
 
 def test_stdlib_corpus_is_sorted_capped_and_split() -> None:
@@ -29,16 +18,17 @@ def test_stdlib_corpus_is_sorted_capped_and_split() -> None:
     assert files == sorted(files) and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts for f in files)
     cfg = DataConfig(max_bytes=2_000_000, seq_len=64, val_fraction=0.1)
-    corpus = load_corpus(cfg)
+    [corpus] = load_corpus(cfg)
     assert len(corpus.tokens) == 2_000_000
     first_train = next(f for f in files if not is_validation_file(f, 0.1))
     assert bytes(corpus.tokens[:200]) == first_train.read_bytes()[:200]
-    batches = TokenBatches(corpus, cfg, seed=1, vocab_size=256)
+    batches = TokenBatches([corpus], cfg, seed=1, vocab_size=256)
+    [train], [val] = (s.tokens for s in batches.train), (s.tokens for s in batches.val)
     # split by file name hash: whole files, roughly val_fraction of the bytes, same on every load
-    assert len(batches.val) + len(batches.train) == 2_000_000
-    assert 0.03 < len(batches.val) / 2_000_000 < 0.25
-    assert corpus.val_start == len(batches.train)
-    assert load_corpus(cfg).val_start == corpus.val_start
+    assert len(val) + len(train) == 2_000_000
+    assert 0.03 < len(val) / 2_000_000 < 0.25
+    assert corpus.val_start == len(train)
+    assert load_corpus(cfg)[0].val_start == corpus.val_start
 
 
 def test_one_file_falls_back_to_a_byte_split(tmp_path: Path) -> None:
@@ -46,7 +36,7 @@ def test_one_file_falls_back_to_a_byte_split(tmp_path: Path) -> None:
     path.write_bytes(b"x" * 10_000)
     cfg = DataConfig(paths=[str(path)], seq_len=16, val_fraction=0.1)
     batches = TokenBatches(load_corpus(cfg), cfg, seed=0, vocab_size=256)
-    assert (len(batches.train), len(batches.val)) == (9_000, 1_000)
+    assert (len(batches.train[0].tokens), len(batches.val[0].tokens)) == (9_000, 1_000)
 
 
 def test_batches_are_shifted_deterministic_and_differ_by_rank(tmp_path: Path) -> None:
@@ -54,7 +44,8 @@ def test_batches_are_shifted_deterministic_and_differ_by_rank(tmp_path: Path) ->
     path.write_bytes(bytes(range(256)) * 40)
     cfg = DataConfig(paths=[str(path)], seq_len=16, micro_batch_size=3)
     b = TokenBatches(load_corpus(cfg), cfg, seed=5, vocab_size=256)
-    x, y = b.train_batch(step=7, micro=0, rank=1)
+    x, y, doc = b.train_batch(step=7, micro=0, rank=1)
+    assert doc is None  # data.document_mask off
     assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(y[:, -1], (x[:, -1] + 1) % 256)  # next byte of a 0..255 ramp
@@ -70,9 +61,10 @@ def test_directories_and_globs(tmp_path: Path) -> None:
     (tmp_path / "d" / "b.txt").write_text("B" * 100)
     (tmp_path / "d" / "sub" / "a.txt").write_text("A" * 100)
     (tmp_path / "d" / ".hidden").write_text("H" * 100)
-    corpus = load_corpus(DataConfig(paths=[str(tmp_path / "d")]))
+    [corpus] = load_corpus(DataConfig(paths=[str(tmp_path / "d")]))
     assert bytes(corpus.tokens) == b"B" * 100 + b"A" * 100  # sorted paths, hidden skipped
-    corpus = load_corpus(DataConfig(paths=[str(tmp_path / "d" / "**" / "*.txt")]))
+    assert corpus.doc_bounds.tolist() == [0, 100, 200]  # a document per file
+    [corpus] = load_corpus(DataConfig(paths=[str(tmp_path / "d" / "**" / "*.txt")]))
     assert len(corpus.tokens) == 200
 
 
@@ -94,47 +86,3 @@ def test_bad_sources_name_the_path(tmp_path: Path, paths: list[str], message: st
     with pytest.raises(DataError, match=message) as info:
         TokenBatches(load_corpus(cfg), cfg, seed=0, vocab_size=256)
     assert str(tmp_path) in str(info.value)
-
-
-def test_prepare_data_cli_writes_a_memmapped_token_file(tmp_path: Path) -> None:
-    src = tmp_path / "text.txt"
-    src.write_bytes(b"hello world\n" * 500)
-    out = tmp_path / "tokens.bin"
-    proc = subprocess.run(
-        [sys.executable, "-m", "moe_dist.cli", "prepare-data", str(src), "-o", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr
-    header = json.loads(Path(str(out) + ".json").read_text())
-    assert header["num_tokens"] == 6000 and header["dtype"] == "uint8"
-    corpus = read_token_file(out)
-    assert isinstance(corpus.tokens, np.memmap) and bytes(corpus.tokens[:12]) == b"hello world\n"
-    cfg = DataConfig(paths=[str(out)], seq_len=32)
-    x, y = TokenBatches(load_corpus(cfg), cfg, seed=0, vocab_size=256).train_batch(0, 0, 0)
-    assert x.shape == (8, 32)
-    # a truncated token file is caught by its header
-    out.write_bytes(out.read_bytes()[:1000])
-    with pytest.raises(DataError, match="truncated"):
-        load_corpus(cfg)
-
-
-def test_uint16_token_file_and_vocab_check(tmp_path: Path) -> None:
-    out = tmp_path / "t.bin"
-    np.arange(3000, dtype=np.uint16).tofile(out)
-    header = {
-        "format": "moe_dist.tokens",
-        "version": 1,
-        "dtype": "uint16",
-        "vocab_size": 3000,
-        "num_tokens": 3000,
-    }
-    Path(str(out) + ".json").write_text(json.dumps(header))
-    cfg = DataConfig(paths=[str(out)], seq_len=16)
-    corpus = load_corpus(cfg)
-    assert int(corpus.tokens[2999]) == 2999
-    with pytest.raises(DataError, match="vocab_size 3000 > model.vocab_size"):
-        TokenBatches(corpus, cfg, seed=0, vocab_size=256)
-    x, _ = TokenBatches(corpus, cfg, seed=0, vocab_size=4096).train_batch(0, 0, 0)
-    assert int(x.max()) < 3000
