@@ -23,6 +23,9 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("moe_dist.commands.train_tokenizer", "add_train_tokenizer_parser"),
     ("moe_dist.commands.compare", "add_compare_parser"),
     ("moe_dist.commands.launch", "add_launch_parser"),
+    ("moe_dist.commands.export_hf", "add_export_hf_parser"),
+    ("moe_dist.commands.generate", "add_generate_parser"),
+    ("moe_dist.commands.export_tb", "add_export_tb_parser"),
 ]
 
 EXIT_BAD_INPUT = 2

@@ -6,10 +6,10 @@ Shape legend: T tokens on this rank, E experts (global), K slots per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moe_dist.routing.base import Router, Routing
 
@@ -21,6 +21,35 @@ class LossConfig(BaseModel):
 
     name: str
     coef: float = Field(0.01, ge=0.0, description="multiplier of this term in the total loss")
+
+
+class CountNormalizedLossConfig(LossConfig):
+    """A loss whose load fractions f_i are token-slot counts over a normaliser:
+
+    - ``slots``: counts / (K * T), so f sums to 1 and the loss is 1 at uniform routing (Switch's
+      k = 1 formula for any k; DeepSeek's f_i carries E / (K T));
+    - ``tokens``: counts / T, so f sums to K and the loss is K at uniform routing (Hugging Face's
+      ``load_balancing_loss_func``, OLMoE, SimBal's and st-moe's code): K times ``slots``.
+
+    The boolean ``normalize_by_topk`` of earlier configs is read as ``slots`` (true) / ``tokens``.
+    """
+
+    normalize: Literal["slots", "tokens"] = Field(
+        "slots", description="f_i = counts / (K*T) (slots, min 1) or counts / T (tokens, min K)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_flag(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "normalize_by_topk" in data:
+            data = dict(data)
+            flag = data.pop("normalize_by_topk")
+            data.setdefault("normalize", "slots" if flag else "tokens")
+        return data
+
+    def slots_per_token(self, top_k: int) -> int:
+        """The factor of T in the normaliser: K for ``slots``, 1 for ``tokens``."""
+        return top_k if self.normalize == "slots" else 1
 
 
 @dataclass

@@ -7,7 +7,7 @@ group instead of this rank's micro-batch:
 
 1. The layer all-reduces this micro-batch's counts over the group without gradient
    (``needs_global_counts``): ``load.global_counts_E``, ``load.global_num_tokens``.
-2. fbar_i = global_counts_i / (K * global T) (``normalize_by_topk``; by global T otherwise).
+2. fbar_i = global_counts_i / (K * global T) (``normalize: slots``; by global T with ``tokens``).
 3. P_i = mean of this rank's router probabilities (local, with gradient).
 4. Loss on rank j = E * sum_i fbar_i P_i^j. Data-parallel gradient averaging gives the paper's
    ``(1/N_P) sum_j E sum_i fbar_i P_i^j``; with equal T per rank its value averaged over ranks
@@ -23,17 +23,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
 
-from moe_dist.balancing.base import BalancingLoss, Load, LossConfig
+from moe_dist.balancing.base import BalancingLoss, CountNormalizedLossConfig, Load, LossConfig
 from moe_dist.balancing.switch import switch_loss
 from moe_dist.registry import LOSSES
 from moe_dist.routing.base import Router, Routing
 
 
-class GlobalBatchLossConfig(LossConfig):
+class GlobalBatchLossConfig(CountNormalizedLossConfig):
     name: Literal["global_batch"] = "global_batch"
-    normalize_by_topk: bool = Field(True, description="fbar_i = counts / (K*T) (min 1) instead of counts / T")
 
 
 @LOSSES.register("global_batch")
@@ -47,7 +45,7 @@ class GlobalBatchLoss(BalancingLoss):
                 "global_batch loss: Load.global_counts_E is missing; the layer must all-reduce the counts "
                 "for losses with needs_global_counts"
             )
-        denom = load.global_num_tokens * (self.top_k if self.cfg.normalize_by_topk else 1)
+        denom = load.global_num_tokens * self.cfg.slots_per_token(self.top_k)
         f_E = load.global_counts_E / max(denom, 1)
         return switch_loss(f_E, routing.probs_TE, self.num_experts)
 

@@ -9,8 +9,9 @@ Shape legend: B sequences, S tokens per sequence (T = B * S on this rank), E exp
 3. Loss = mean over the B sequences of sum_i f_bi P_bi; 1 at perfect balance within every
    sequence. DeepSeek-V3 uses coefficient alpha = 1e-4 on top of the bias-based balancing.
 
-With a softmax router this is also the sequence-level LBL of OLMoE / SimBal's baseline code
-(f and P per sequence, then the batch mean) divided by K: they normalise f by S, not K * S.
+``normalize: tokens`` drops the 1/K: f_bi = E / S * count, the sequence-level LBL of SimBal's
+baseline (st-moe style: f and P per sequence, f summing to K, ``E * sum_i f_bi P_bi``, mean over
+the batch; the SimBal paper's App. A, coefficient 0.01), K times the ``slots`` value.
 
 Needs the micro-batch shape (``load.batch_size``, ``load.seq_len``); slots marked -1 (expert
 choice) are not counted.
@@ -22,12 +23,12 @@ from typing import Literal
 
 import torch
 
-from moe_dist.balancing.base import BalancingLoss, Load, LossConfig
+from moe_dist.balancing.base import BalancingLoss, CountNormalizedLossConfig, Load
 from moe_dist.registry import LOSSES
 from moe_dist.routing.base import Router, Routing
 
 
-class SeqAuxLossConfig(LossConfig):
+class SeqAuxLossConfig(CountNormalizedLossConfig):
     name: Literal["seq_aux"] = "seq_aux"
 
 
@@ -53,6 +54,8 @@ class SeqAuxLoss(BalancingLoss):
             )
         probs_BSE = routing.probs_TE.reshape(B, S, E)
         probs_BSE = probs_BSE.to(torch.promote_types(probs_BSE.dtype, torch.float32))
-        f_BE = sequence_counts(routing.experts_TK, B, E).to(probs_BSE.dtype) * (E / (self.top_k * S))
+        f_BE = sequence_counts(routing.experts_TK, B, E).to(probs_BSE.dtype) * (
+            E / (self.cfg.slots_per_token(self.top_k) * S)
+        )
         P_BE = probs_BSE.mean(dim=1)
         return (f_BE * P_BE).sum(dim=-1).mean()

@@ -26,6 +26,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
 def compare_main(args: Any) -> int:
     try:
         from moe_dist.compare.runner import CompareOptions, compare  # noqa: PLC0415 - matplotlib is heavy
@@ -33,22 +43,24 @@ def compare_main(args: Any) -> int:
         hint = "pip install 'moe_dist[plots]'"
         print(f"error: moe-dist compare needs matplotlib ({exc}); {hint}", file=sys.stderr)
         return 2
+    from moe_dist.compare.presets import preset_path
 
-    try:
-        variants = parse_variants(args.variants)
-    except UnknownVariantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if args.preset and args.config:
+        print("error: give a CONFIG or --preset, not both", file=sys.stderr)
         return 2
-    if args.baseline not in VARIANTS:
-        print(
-            f"error: --baseline: unknown variant {args.baseline!r}; known: {', '.join(VARIANTS)}",
-            file=sys.stderr,
-        )
-        return 2
+    config = str(preset_path(args.preset)) if args.preset else (args.config or "configs/compare.yaml")
+    variants = None
+    if args.variants:
+        try:
+            variants = parse_variants(args.variants, known=_known_arms(config))
+        except UnknownVariantError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    out = args.out or (f"runs/compare_{args.preset}" if args.preset else "runs/compare")
     opts = CompareOptions(
-        config=args.config,
+        config=config,
         variants=variants,
-        out=Path(args.out),
+        out=Path(out),
         steps=args.steps,
         parallel=args.parallel,
         nproc=args.nproc,
@@ -56,34 +68,52 @@ def compare_main(args: Any) -> int:
         baseline=args.baseline,
         last_n=args.last_n,
         pes_tokens=args.pes_tokens,
-        reuse=args.reuse,
+        seeds=args.seeds,
+        fresh=args.fresh,
         quiet=args.quiet,
     )
     return compare(opts)
+
+
+def _known_arms(config: str) -> dict[str, Any]:
+    from moe_dist.compare.presets import split_compare_file
+
+    return split_compare_file(config)[1].variants() or VARIANTS
 
 
 def add_compare_parser(subparsers: Any) -> None:
     known = "; ".join(f"{v.name}: {v.description}" for v in VARIANTS.values())
     p = subparsers.add_parser(
         "compare",
-        help="train several router/loss variants alike and tabulate loss, balance and PES",
+        help="train several router/loss arms alike (over seeds) and tabulate loss, balance and PES",
         description=(
-            "Train the model of CONFIG once per variant (same data, seed, lr, schedule and steps; only "
+            "Train the model of CONFIG once per arm and seed (same data, lr, schedule and steps; only "
             "the router and balancing losses change), then write OUT/results.md, OUT/results.json and PNG "
-            f"plots. Variants: {known}."
+            "plots. A CONFIG with a compare: section (configs/compare/*.yaml, --preset NAME) names its own "
+            "arms, seeds, baseline and claims; otherwise the built-in variants: "
+            f"{known}. Run the same command again to continue a killed comparison."
         ),
     )
-    p.add_argument(
-        "config", nargs="?", default="configs/compare.yaml", help="base YAML (default: configs/compare.yaml)"
-    )
+    p.add_argument("config", nargs="?", default=None, help="base YAML (default: configs/compare.yaml)")
+    p.add_argument("--preset", help="configs/compare/NAME.yaml, e.g. lpr_paper, simbal_paper")
     p.add_argument(
         "--variants",
-        default=",".join(DEFAULT_VARIANTS),
-        help=f"comma-separated variant names (default: {','.join(DEFAULT_VARIANTS)})",
+        default=None,
+        help=f"comma-separated arms (default: the file's arms, or {','.join(DEFAULT_VARIANTS)})",
     )
-    p.add_argument("--out", default="runs/compare", help="results directory (default: runs/compare)")
-    p.add_argument("--steps", type=_positive, default=None, help="override schedule.steps for every variant")
-    p.add_argument("--parallel", type=_positive, default=1, help="variants trained at the same time")
+    p.add_argument(
+        "--out", default=None, help="results directory (default: runs/compare or runs/compare_PRESET)"
+    )
+    p.add_argument("--steps", type=_positive, default=None, help="override schedule.steps for every arm")
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        help="comma-separated seeds, e.g. 1,2,3 (default: the file's)",
+    )
+    p.add_argument(
+        "--parallel", type=_positive, default=None, help="runs trained at the same time (default 1)"
+    )
     p.add_argument(
         "--nproc",
         type=_positive,
@@ -95,11 +125,21 @@ def add_compare_parser(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a base config value (every variant)",
+        help="override a base config value (every arm)",
     )
-    p.add_argument("--baseline", default=BASELINE, help=f"iso-loss reference variant (default: {BASELINE})")
-    p.add_argument("--last-n", type=_positive, default=100, help="steps whose counts the load metrics sum")
-    p.add_argument("--pes-tokens", type=_positive, default=1024, help="validation tokens for PES")
-    p.add_argument("--reuse", action="store_true", help="keep finished runs whose config is unchanged")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help=f"iso-loss and claims reference arm (default: the file's, or {BASELINE})",
+    )
+    p.add_argument(
+        "--last-n", type=_positive, default=None, help="steps whose counts the load metrics sum (100)"
+    )
+    p.add_argument(
+        "--pes-tokens", type=_positive, default=None, help="sampled validation tokens for PES (1024)"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="discard earlier runs in OUT instead of continuing them"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines, no table on stdout")
     p.set_defaults(func=compare_main)

@@ -6,6 +6,8 @@
    URLs are printed). Without the telemetry module, telemetry is off and the demo says so.
 3. Print the per-layer expert-load table of the whole run (tokens per expert, Gini, min/max)
    and where the metrics log and the checkpoints are.
+4. Print a short greedy sample from the final checkpoint, as ``moe-dist generate`` does
+   (``continue_prompt``: 60 tokens, bytes with the demo's tokenizer, KV cache; under a second).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moe_dist.commands.generate import continue_prompt
 from moe_dist.config import Config, check_world_size, load_config
 from moe_dist.data.batches import TokenBatches
 
@@ -120,4 +123,8 @@ def demo_main(args: argparse.Namespace) -> int:
         f"{args.nproc} -m moe_dist.cli train {args.config} --set parallel.ep_size={args.nproc} "
         f"--set run.out_dir={cfg.run.out_dir} --set schedule.steps={2 * cfg.schedule.steps} --resume"
     )
+    prompt = "def "
+    sample = continue_prompt(run_dir, prompt, 60, fit_context=True)
+    print(f"\ngreedy sample (moe-dist generate {run_dir} --prompt {prompt!r} --max-new-tokens 60):")
+    print("\n".join(f"  | {line}" for line in sample.splitlines()))
     return 0

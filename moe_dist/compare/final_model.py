@@ -6,21 +6,24 @@ E experts, K slots per token, N sampled tokens.
 ``analyze_final_model(run_dir)``:
 
 1. Rebuild the model from ``run_dir/config.json`` and load the newest checkpoint (single process,
-   whatever EP size the run used: checkpoints store experts in the global layout).
+   whatever EP size the run used: ``training.trained_model.load_trained_model``).
 2. Run the fixed validation batches (the same ones for every variant: they depend on the seed
    only) in eval mode; a forward pre-hook records each MoE layer's input x_TH.
 3. Drops at capacity factor ``cf``: per layer and batch, route x_TH with the layer's router; an
    expert accepts ``ceil(cf * slots / E)`` token-slots (slots = T * K for top-k routers, the
    capacity ``moe_dist.ops.slot_sort.capacity_per_expert`` uses); the excess is dropped.
    Reported: dropped / routed slots over all batches, per layer, and their mean over layers.
-4. PES (SimBal Eq. 5-6): on the first ``pes_tokens`` validation tokens, every expert's output for
-   the expert input (x, plus the router's decoded latent for LPR), mean pairwise cosine;
-   ``moe_dist.metrics.pairwise_expert_similarity`` per layer, min over layers as the paper reports.
+4. PES (SimBal Eq. 5-6): on ``pes_tokens`` validation tokens drawn uniformly without
+   replacement from the validation batches' tokens (a generator seeded with ``run.seed``, so the
+   sample is the same for every arm of a seed; SimBal samples 4M tokens at random), every
+   expert's output for the expert input (x, plus the router's decoded latent for LPR), mean
+   pairwise cosine; ``moe_dist.metrics.pairwise_expert_similarity`` per layer, min over layers
+   as the paper reports. When the batches hold fewer tokens, all of them are used (the result
+   says how many).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -28,11 +31,8 @@ from typing import Any
 import torch
 
 from moe_dist import metrics
-from moe_dist.config import config_from_dict
 from moe_dist.data.batches import TokenBatches
-from moe_dist.models import build_model
-from moe_dist.parallel.groups import ParallelGroups
-from moe_dist.training import checkpoint, checkpoint_choice
+from moe_dist.training.trained_model import load_trained_model
 
 
 def capacity_drops(counts_E: torch.Tensor, capacity_factor: float) -> tuple[float, float]:
@@ -52,12 +52,8 @@ def analyze_final_model(
 ) -> dict[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    run_dir = Path(run_dir)
-    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
-    groups = ParallelGroups.single()
-    model = build_model(cfg.model, groups, seed=cfg.run.seed)
-    loaded = checkpoint.load(checkpoint_choice.choose(run_dir / "checkpoints", groups), model, None, groups)
-    model.to(device).eval()
+    trained = load_trained_model(run_dir, device)
+    cfg, model = trained.cfg, trained.model
     batches = TokenBatches.for_run(cfg)
     layers = model.moe_layers()
     inputs: dict[int, torch.Tensor] = {}
@@ -68,9 +64,14 @@ def analyze_final_model(
     dropped = [0.0] * len(layers)
     routed = [0.0] * len(layers)
     pes_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
-    n_pes = 0
+    n_batches = num_batches or cfg.eval.batches
+    per_batch = cfg.data.micro_batch_size * cfg.data.seq_len
+    total = n_batches * per_batch
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    chosen = torch.randperm(total, generator=gen)[: min(pes_tokens, total)].sort().values
     try:
-        for b in range(num_batches or cfg.eval.batches):
+        for b in range(n_batches):
+            rows_T = chosen[(chosen >= b * per_batch) & (chosen < (b + 1) * per_batch)] - b * per_batch
             batch = batches.val_batch(b).to(device)
             model(batch.x_BS, batch.doc_BS)
             for i, layer in enumerate(layers):
@@ -79,14 +80,13 @@ def analyze_final_model(
                 d, r = capacity_drops(routing.counts_E(), capacity_factor)
                 dropped[i] += d
                 routed[i] += r
-                if n_pes < pes_tokens:
+                if len(rows_T):
                     xe_TH = (
                         x_TH
                         if routing.expert_input_delta_TH is None
                         else x_TH + routing.expert_input_delta_TH
                     )
-                    pes_inputs[i].append(xe_TH[: pes_tokens - n_pes])
-            n_pes = min(pes_tokens, n_pes + batch.x_BS.numel())
+                    pes_inputs[i].append(xe_TH[rows_T.to(xe_TH.device)])
     finally:
         for h in hooks:
             h.remove()
@@ -96,11 +96,11 @@ def analyze_final_model(
         for layer, xs in zip(layers, pes_inputs)
     ]
     return {
-        "checkpoint_step": loaded.step,
+        "checkpoint_step": trained.step,
         "capacity_factor": capacity_factor,
         "drop_fraction_per_layer": drop_per_layer,
         "drop_fraction": sum(drop_per_layer) / len(drop_per_layer),
-        "pes_tokens": n_pes,
+        "pes_tokens": len(chosen),
         "pes_per_layer": pes_per_layer,
         "pes_min": min(pes_per_layer),
         "pes_mean": sum(pes_per_layer) / len(pes_per_layer),

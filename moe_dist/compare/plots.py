@@ -5,6 +5,8 @@ Shape legend: L MoE layers, N logged steps, E experts, W step bins of a heatmap.
 - ``val_loss.png``: validation loss over tokens, every variant on one chart (and a zoom on the
   second half), the baseline's final value as a dashed line (where the iso-loss crossing is read).
 - ``gini.png``: per-step Gini of the global counts (mean over layers), smoothed over a window.
+- ``gini_layers.png``: LPR's EMA Gini per layer over training, one panel per layer (mean over
+  seeds); with several seeds ``val_loss.png`` shows the mean over seeds and a min..max band.
 - ``load_<variant>.png``: per layer, a heatmap steps x experts of the normalised load
   (count / mean count: 1 = balanced, 0 = dead expert), steps averaged into at most 200 bins.
 """
@@ -12,6 +14,7 @@ Shape legend: L MoE layers, N logged steps, E experts, W step bins of a heatmap.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -20,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import numpy as np  # noqa: E402
 
 from moe_dist.compare.arm_logs import RunLog  # noqa: E402
-from moe_dist.compare.report import per_step_gini  # noqa: E402
+from moe_dist.compare.report import ema_gini_curve, per_step_gini  # noqa: E402
 
 HEATMAP_MAX = 3.0  # colour scale of normalised load: 0 .. 3x the mean, the same for every variant
 
@@ -120,8 +123,89 @@ def plot_load_heatmap(log: RunLog, path: Path) -> Path:
     return path
 
 
-def plot_all(logs: dict[str, RunLog], baseline: str, out_dir: Path) -> list[Path]:
+def plot_val_loss_seeds(logs_by_seed: dict[Any, dict[str, RunLog]], baseline: str, path: Path) -> Path:
+    """Mean validation loss over seeds per arm, with the band between the seeds' min and max
+    (evaluations at the same steps in every seed), and the second half zoomed."""
+    fig, (ax_all, ax_end) = plt.subplots(1, 2, figsize=(11, 4.5))
+    arms = list(dict.fromkeys(a for logs in logs_by_seed.values() for a in logs))
+    curves: list[tuple[np.ndarray, np.ndarray]] = []  # (tokens in M, mean loss) per arm, for the zoom
+    for arm in arms:
+        runs = [logs[arm] for logs in logs_by_seed.values() if arm in logs and len(logs[arm].val_loss_M)]
+        if not runs:
+            continue
+        m = min(len(r.val_loss_M) for r in runs)
+        x = runs[0].eval_tokens_M[:m] / 1e6
+        v_SM = np.stack([r.val_loss_M[:m] for r in runs])
+        curves.append((x, v_SM.mean(axis=0)))
+        for ax in (ax_all, ax_end):
+            (line,) = ax.plot(
+                x, v_SM.mean(axis=0), lw=2.0 if arm == baseline else 1.2, label=f"{arm} (n={len(runs)})"
+            )
+            ax.fill_between(x, v_SM.min(axis=0), v_SM.max(axis=0), color=line.get_color(), alpha=0.2)
+            if arm == baseline:
+                ax.axhline(v_SM[:, -1].mean(), color="k", ls="--", lw=0.8, label=f"{baseline} final (mean)")
+    for ax in (ax_all, ax_end):
+        ax.set_xlabel("tokens (M)")
+        ax.grid(alpha=0.3)
+    ax_all.set_ylabel("validation loss (nats/token)")
+    ax_all.set_title("Validation loss: mean over seeds, band = min..max")
+    if curves:
+        x_max = max(float(x[-1]) for x, _ in curves)
+        late = [v[x >= x_max / 2] for x, v in curves if (x >= x_max / 2).any()]
+        lo, hi = min(float(v.min()) for v in late), max(float(v.max()) for v in late)
+        pad = 0.1 * max(hi - lo, 1e-3)
+        ax_end.set_xlim(x_max / 2, x_max * 1.02)
+        ax_end.set_ylim(lo - pad, hi + pad)
+    ax_end.set_title("Second half (zoom)")
+    ax_end.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gini_layers(logs_by_seed: dict[Any, dict[str, RunLog]], path: Path) -> Path:
+    """LPR's EMA Gini (0.99 EMA of per-step counts) per layer over training, mean over seeds:
+    one panel per MoE layer, one line per arm."""
+    arms = list(dict.fromkeys(a for logs in logs_by_seed.values() for a in logs))
+    first = next(log for logs in logs_by_seed.values() for log in logs.values())
+    L = first.counts_LNE.shape[0]
+    cols = min(L, 3)
+    rows = (L + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for li in range(L):
+        ax = axes[li // cols, li % cols]
+        for arm in arms:
+            runs = [logs[arm] for logs in logs_by_seed.values() if arm in logs]
+            n = min(len(r.steps_N) for r in runs)
+            g_SN = np.stack([ema_gini_curve(r.counts_LNE[li, :n]) for r in runs])
+            ax.plot(runs[0].steps_N[:n], g_SN.mean(axis=0), label=arm, lw=1.2)
+        ax.set_title(f"layer {first.layer_ids[li]}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for li in range(L, rows * cols):
+        axes[li // cols, li % cols].axis("off")
+    axes[0, 0].set_ylabel("EMA Gini (LPR's way)")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Per-layer load imbalance over training (0 = balanced), mean over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_all(logs_by_seed: dict[Any, dict[str, RunLog]], baseline: str, out_dir: Path) -> list[Path]:
+    """Single seed: val_loss, gini and a heatmap per arm; several: seed bands and per-layer Gini
+    too (heatmaps of the first seed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [plot_val_loss(logs, baseline, out_dir / "val_loss.png"), plot_gini(logs, out_dir / "gini.png")]
-    paths += [plot_load_heatmap(log, out_dir / f"load_{name}.png") for name, log in logs.items()]
+    first = next(iter(logs_by_seed.values()))
+    if len(logs_by_seed) == 1:
+        paths = [plot_val_loss(first, baseline, out_dir / "val_loss.png")]
+    else:
+        paths = [plot_val_loss_seeds(logs_by_seed, baseline, out_dir / "val_loss.png")]
+    paths += [
+        plot_gini(first, out_dir / "gini.png"),
+        plot_gini_layers(logs_by_seed, out_dir / "gini_layers.png"),
+    ]
+    paths += [plot_load_heatmap(log, out_dir / f"load_{name}.png") for name, log in first.items()]
     return paths

@@ -65,8 +65,8 @@ def window_load_metrics(counts_LNE: np.ndarray, last_n: int) -> dict[str, Any]:
     return out
 
 
-def ema_load_metrics(counts_LNE: np.ndarray, decay: float = LPR_EMA_DECAY) -> dict[str, float]:
-    """LPR's EMA-of-counts Gini and min/max at the end of the run, mean over layers."""
+def ema_load_metrics(counts_LNE: np.ndarray, decay: float = LPR_EMA_DECAY) -> dict[str, Any]:
+    """LPR's EMA-of-counts Gini and min/max at the end of the run: mean over layers, and per layer."""
     ginis, ratios = [], []
     for counts_NE in counts_LNE:
         tracker = metrics.EMALoadTracker(counts_NE.shape[-1], decay)
@@ -75,7 +75,22 @@ def ema_load_metrics(counts_LNE: np.ndarray, decay: float = LPR_EMA_DECAY) -> di
         s = tracker.summary()
         ginis.append(s["gini"])
         ratios.append(s["min_max_ratio"])
-    return {"ema_gini": float(np.mean(ginis)), "ema_min_max": float(np.mean(ratios))}
+    return {
+        "ema_gini": float(np.mean(ginis)),
+        "ema_min_max": float(np.mean(ratios)),
+        "ema_gini_per_layer": [float(g) for g in ginis],
+        "ema_min_max_per_layer": [float(r) for r in ratios],
+    }
+
+
+def ema_gini_curve(counts_NE: np.ndarray, decay: float = LPR_EMA_DECAY) -> np.ndarray:
+    """LPR's EMA Gini after every step of one layer: ``[N]``."""
+    tracker = metrics.EMALoadTracker(counts_NE.shape[-1], decay)
+    out = []
+    for c in torch.from_numpy(counts_NE):
+        tracker.update(c)
+        out.append(tracker.summary()["gini"])
+    return np.asarray(out)
 
 
 def per_step_gini(counts_LNE: np.ndarray) -> np.ndarray:

@@ -81,13 +81,15 @@ class UnknownVariantError(ValueError):
     pass
 
 
-def parse_variants(text: str) -> list[str]:
-    """``"switch,lpr"`` -> names, checked; one message naming every unknown or repeated name."""
+def parse_variants(text: str, known: dict[str, Variant] | None = None) -> list[str]:
+    """``"switch,lpr"`` -> names, checked against ``known`` (default: the built-in variants); one
+    message naming every unknown or repeated name."""
+    known = VARIANTS if known is None else known
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise UnknownVariantError(
-            f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}"
+            f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}"
         )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -97,18 +99,21 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
-def apply_variant(base: dict[str, Any], name: str) -> dict[str, Any]:
-    """A deep copy of the raw config ``base`` with ``name``'s router and losses."""
-    variant = VARIANTS[name]
+def apply_variant(base: dict[str, Any], variant: Variant | str) -> dict[str, Any]:
+    """A deep copy of the raw config ``base`` with the router and losses of ``variant`` (a name
+    of the built-in ``VARIANTS`` or a preset's arm); a router that names its own ``top_k`` (or
+    capacity factor) keeps it."""
+    if isinstance(variant, str):
+        variant = VARIANTS[variant]
     data = copy.deepcopy(base)
     moe = data.setdefault("model", {}).setdefault("moe", {})
     base_router = moe.get("router") or {}
     top_k = int(base_router.get("top_k", 2))
     router = copy.deepcopy(variant.router)
     if router["name"] == "expert_choice":
-        router["capacity_factor"] = float(top_k)
+        router.setdefault("capacity_factor", float(top_k))
     else:
-        router["top_k"] = top_k
+        router.setdefault("top_k", top_k)
     moe["router"] = router
     moe["losses"] = copy.deepcopy(variant.losses)
     return data

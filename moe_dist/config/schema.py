@@ -128,9 +128,28 @@ class OptimizerConfig(Section):
 
 
 class ScheduleConfig(Section):
+    """The learning rate over optimizer steps (``training/optim.py`` ``lr_at`` has the formulas)."""
+
+    kind: Literal["cosine", "wsd", "linear", "constant"] = Field(
+        "cosine",
+        description="after warmup: cosine or linear decay to min_lr_ratio, constant, or wsd "
+        "(warmup-stable-decay as Hugging Face's get_wsd_schedule)",
+    )
     steps: int = Field(200, ge=1)
     warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_start_ratio: float = Field(
+        0.0, ge=0, le=1, description="cosine/linear/constant: warmup starts from this fraction of the peak"
+    )
+    decay_steps: int | None = Field(
+        None, ge=0, description="wsd: length of the decay phase (None = 20% of steps, LPR's 5/75/20 split)"
+    )
+    decay_shape: Literal["cosine", "linear", "1-sqrt"] = Field(
+        "cosine", description="wsd: shape of the decay phase (HF decay_type; LPR used the default cosine)"
+    )
+
+    def wsd_decay_steps(self) -> int:
+        return self.decay_steps if self.decay_steps is not None else int(0.2 * self.steps)
 
 
 class TokenizerConfig(Section):
@@ -238,6 +257,15 @@ class TelemetryConfig(Section):
     )
 
 
+class ProfileConfig(Section):
+    """``run.profile``: a torch.profiler Chrome trace per rank of steps ``start_step`` .. ``start_step +
+    steps - 1`` (``training/profiling.py``); off while ``steps`` is 0."""
+
+    start_step: int = Field(5, ge=1, description="first profiled step (1-based; skip the warm-up steps)")
+    steps: int = Field(0, ge=0, description="steps to profile (0 = off)")
+    dir: str | None = Field(None, description="where the traces go (default RUN_DIR/profile)")
+
+
 class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs"
@@ -249,6 +277,32 @@ class RunConfig(Section):
     retain_freed_memory: bool = Field(
         True, description="CPU runs: keep freed host memory mapped, no page faults per step (host_memory.py)"
     )
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    peak_tflops: float | None = Field(
+        None, gt=0, description="the device's peak TFLOP/s for MFU (default: a table of GPUs, flops.py)"
+    )
+
+
+class TensorBoardConfig(Section):
+    enabled: bool = False
+    dir: str | None = Field(None, description="event files go here (default RUN_DIR/tensorboard)")
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under dir only (upload later with `wandb sync`)"
+    )
+    project: str = "moe_dist"
+    name: str | None = Field(None, description="the W&B run name (default run.name)")
+    dir: str | None = Field(None, description="W&B's wandb/ folder goes here (default RUN_DIR)")
+
+
+class LoggingConfig(Section):
+    """``logging``: TensorBoard and W&B loggers on rank 0 (``training/loggers/``), off by default."""
+
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
 class Config(Section):
@@ -261,6 +315,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -289,8 +344,14 @@ def cross_field_errors(cfg: Config) -> list[str]:
         errors.append(
             f"data.seq_len: must be <= model.max_seq_len ({cfg.model.max_seq_len}), got {cfg.data.seq_len}"
         )
-    if cfg.schedule.warmup_steps > cfg.schedule.steps:
-        errors.append(f"schedule.warmup_steps: must be <= schedule.steps ({cfg.schedule.steps})")
+    sched = cfg.schedule
+    if sched.warmup_steps > sched.steps:
+        errors.append(f"schedule.warmup_steps: must be <= schedule.steps ({sched.steps})")
+    elif sched.kind == "wsd" and sched.warmup_steps + sched.wsd_decay_steps() > sched.steps:
+        errors.append(
+            f"schedule.decay_steps: warmup ({sched.warmup_steps}) + decay ({sched.wsd_decay_steps()}) "
+            f"must be <= schedule.steps ({sched.steps})"
+        )
     if par.engine == "deepspeed":
         errors += deepspeed_engine_errors(cfg)
     elif cfg.checkpoint.async_save and cfg.checkpoint.resolved_format(par.data_parallel) != "dcp":

@@ -27,7 +27,9 @@ class DeepSpeedMoELayer(nn.Module):
 
     def __init__(self, native: MoELayer, ep_size: int) -> None:
         super().__init__()
-        self.moe: MoeDistDeepSpeedMoE = build_deepspeed_moe(native.cfg, native.hidden_size, ep_size=ep_size)
+        self.moe: MoeDistDeepSpeedMoE = build_deepspeed_moe(
+            native.cfg, native.hidden_size, ep_size=ep_size, model_scope=True
+        )
         copy_from_native(self.moe, native)
         deepspeed_checkpoint.protect_gate_keys(self.moe)
         for p in self.moe.deepspeed_moe.experts.parameters():

@@ -98,9 +98,17 @@ class MoeDistGate(TopKGate):
         ep_group: Any = None,
         sequence_first: bool = False,
         ep_size: int = 1,
+        model_scope: bool = False,
     ) -> None:
         # Global counts over the default group (DP x EP), set up by deepspeed.initialize.
-        gate = Gate(cfg, hidden_size, ep_size=ep_size, sequence_first=sequence_first, kept_counts=True)
+        gate = Gate(
+            cfg,
+            hidden_size,
+            ep_size=ep_size,
+            sequence_first=sequence_first,
+            kept_counts=True,
+            model_scope=model_scope,
+        )
         super().__init__(
             hidden_size,
             cfg.num_experts,
@@ -321,6 +329,7 @@ def build_deepspeed_moe(
     min_capacity: int = 4,
     sequence_first: bool = False,
     use_residual: bool = False,
+    model_scope: bool = False,
 ) -> MoeDistDeepSpeedMoE:
     """A ``deepspeed.moe.layer.MoE`` whose gate is `MoeDistGate` for ``moe_cfg``'s router and losses.
 
@@ -330,6 +339,9 @@ def build_deepspeed_moe(
       (``drop_tokens=False``). ``eval_capacity_factor`` defaults to the training one.
     - The gate is installed before any parallelism is set: ``deepspeed.initialize`` (or
       ``moe.set_deepspeed_parallelism()``) then gives it the EP group, as for ``TopKGate``.
+    - ``model_scope``: the caller combines model-scope losses over its layers
+      (``layers.gate.model_scope_losses``), as moe_dist's transformer does; a bare DeepSpeed MoE
+      refuses ``scope: model``.
     """
     cf = capacity_factor if capacity_factor is not None else moe_cfg.capacity_factor
     eval_cf = eval_capacity_factor if eval_capacity_factor is not None else cf
@@ -343,6 +355,7 @@ def build_deepspeed_moe(
         drop_tokens=cf is not None,
         sequence_first=sequence_first,
         ep_size=ep_size,
+        model_scope=model_scope,
     )
     expert = expert if expert is not None else ExpertMLP.from_config(moe_cfg.experts, hidden)
     moe = MoeDistDeepSpeedMoE(

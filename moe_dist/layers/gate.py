@@ -16,7 +16,10 @@ in every stack by construction. ``gate(x_TH, B, S) -> (routing, aux)``:
    otherwise the losses see this rank's own.
 4. ``aux``: ``coef * loss(routing, load, router)`` under each loss's registry name (made unique,
    `loss_names`), plus each key of ``routing.losses`` (summed into a loss of the same name).
-   Computed in train and eval mode alike.
+   Computed in train and eval mode alike. A model-scope loss (``switch`` with ``scope: model``,
+   one loss over all layers at once as Hugging Face computes it) is not in ``aux``: the gate
+   keeps this forward's share in ``scope_parts`` and the model combines every layer's share
+   (`model_scope_losses`); ``last_aux`` holds the layer's own value for its statistics.
 5. Reorder the routing back to the caller's token order.
 6. Statistics, in training mode only (eval leaves balancing state alone):
    ``tokens_per_expert_E`` (slots per expert before drops) and ``last_aux`` (detached terms).
@@ -74,6 +77,8 @@ class Gate(nn.Module):
     - ``counts_group`` / ``reduce_counts``: where global counts are summed (step 3).
     - ``sequence_first``: the caller's tokens are sequence-first (step 1).
     - ``kept_counts``: the dispatcher is not ours; it reports through `record_kept`.
+    - ``model_scope``: a model above calls `model_scope_losses` after each forward, so losses
+      with ``scope: model`` are allowed (a config error otherwise: nothing would combine them).
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class Gate(nn.Module):
         reduce_counts: bool = True,
         sequence_first: bool = False,
         kept_counts: bool = False,
+        model_scope: bool = False,
     ) -> None:
         super().__init__()
         errors = validate_moe(cfg, hidden_size, prefix="moe")
@@ -100,6 +106,18 @@ class Gate(nn.Module):
         self.router: Router = ROUTERS.get(rcfg.name)(rcfg, hidden_size, E)
         self.losses: list[BalancingLoss] = [LOSSES.get(c.name)(c, E, rcfg.top_k) for c in cfg.losses]
         self.loss_names = loss_names(self.losses)
+        scoped = [n for n, loss in zip(self.loss_names, self.losses) if getattr(loss, "model_scope", False)]
+        if scoped and not model_scope:
+            raise ConfigError(
+                [
+                    f"moe.losses: {', '.join(scoped)} has scope 'model' (one loss over every layer's "
+                    "routing), which needs moe_dist's transformer to combine the layers; this stack "
+                    "routes layer by layer (use scope: layer)"
+                ]
+            )
+        # This forward's share of each model-scope loss, by name (replaced every forward).
+        self.scope_parts: dict[str, Any] = {}
+        self._own_scope_values: dict[str, torch.Tensor] = {}  # the layer's own value, for statistics
         self.counts_group, self.reduce_counts = counts_group, reduce_counts
         self.sequence_first = sequence_first
         # Statistics: non-persistent buffers (per-step scratch, and [e] depends on EP).
@@ -151,7 +169,7 @@ class Gate(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert_E += counts_E.to(self.tokens_per_expert_E.device)
-                self.last_aux = {k: v.detach() for k, v in aux.items()}
+                self.last_aux = {k: v.detach() for k, v in aux.items()} | self._own_scope_values
         return routing, aux
 
     def _aux_losses(
@@ -164,12 +182,16 @@ class Gate(nn.Module):
                 dist.all_reduce(total_E1, group=self.counts_group)
             load.global_counts_E = total_E1[:-1]
             load.global_num_tokens = int(total_E1[-1].item())
-        aux = {
-            name: loss.cfg.coef * loss(routing, load, self.router)
-            for name, loss in zip(self.loss_names, self.losses)
-        }
+        aux, self.scope_parts, own = {}, {}, {}
+        for name, loss in zip(self.loss_names, self.losses):
+            if getattr(loss, "model_scope", False):
+                self.scope_parts[name] = loss.part(routing, load)
+                own[name] = loss.cfg.coef * loss(routing, load, self.router).detach()
+            else:
+                aux[name] = loss.cfg.coef * loss(routing, load, self.router)
         for name, value in routing.losses.items():
             aux[name] = aux[name] + value if name in aux else value
+        self._own_scope_values = own
         return aux
 
     @torch.no_grad()
@@ -232,6 +254,17 @@ class Gate(nn.Module):
             f"router={self.router.registry_name}, losses={self.loss_names}, experts={self.num_experts}, "
             f"local={self.num_local_experts}, top_k={self.top_k}"
         )
+
+
+def model_scope_losses(gates: list[Gate]) -> dict[str, torch.Tensor]:
+    """Each model-scope loss over the shares that ``gates`` kept in their last forward, weighted
+    by its coefficient (the loss object of the first gate that has it does the combining)."""
+    out: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys(n for g in gates for n in g.scope_parts):
+        holders = [g for g in gates if name in g.scope_parts]
+        loss = holders[0].losses[holders[0].loss_names.index(name)]
+        out[name] = loss.cfg.coef * loss.combine([g.scope_parts[name] for g in holders])
+    return out
 
 
 class HasGate(Protocol):

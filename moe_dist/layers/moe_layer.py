@@ -16,6 +16,7 @@ from moe_dist.layers.experts import GroupedExperts, SharedExperts
 from moe_dist.layers.gate import Gate
 from moe_dist.parallel.dispatcher import AllToAllDispatcher
 from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.profile_ranges import named_range
 
 
 class MoELayer(nn.Module):
@@ -47,8 +48,14 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.groups = groups if groups is not None else ParallelGroups.single()
         world = self.groups.world_group
+        # model_scope: MoETransformer combines model-scope losses over its layers after each forward.
         self.gate = Gate(
-            cfg, hidden_size, ep_size=self.groups.ep_size, counts_group=world, reduce_counts=world is not None
+            cfg,
+            hidden_size,
+            ep_size=self.groups.ep_size,
+            counts_group=world,
+            reduce_counts=world is not None,
+            model_scope=True,
         )
         self.hidden_size, self.num_experts = hidden_size, cfg.num_experts
         self.num_local_experts = self.gate.num_local_experts
@@ -85,16 +92,20 @@ class MoELayer(nn.Module):
         B, S = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
         x_TH = x.reshape(-1, self.hidden_size)
         # 1. route, losses
-        routing, aux = self.gate(x_TH, B, S)
+        with named_range("router"):
+            routing, aux = self.gate(x_TH, B, S)
         # 2. experts' input
         xe_TH = x_TH if routing.expert_input_delta_TH is None else x_TH + routing.expert_input_delta_TH
         # 3-5. dispatch, experts, combine
         t0 = self._clock()
-        expert_in_YH, tokens_per_expert_e, ctx = self.dispatcher.dispatch(xe_TH, routing)
+        with named_range("dispatch"):
+            expert_in_YH, tokens_per_expert_e, ctx = self.dispatcher.dispatch(xe_TH, routing)
         t1 = self._clock()
-        expert_out_YH = self.experts(expert_in_YH, tokens_per_expert_e, ctx.row_weights_Y)
+        with named_range("experts"):
+            expert_out_YH = self.experts(expert_in_YH, tokens_per_expert_e, ctx.row_weights_Y)
         t2 = self._clock()
-        y_TH = self.dispatcher.combine(expert_out_YH, ctx)
+        with named_range("combine"):
+            y_TH = self.dispatcher.combine(expert_out_YH, ctx)
         t3 = self._clock()
         # 6. shared experts
         if self.shared_experts is not None:

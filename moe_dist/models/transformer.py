@@ -11,7 +11,9 @@ aux_terms)``):
    the first ``model.dense_layers`` blocks (DeepSeek's dense prefix) and a ``MoELayer`` after.
 3. logits = norm(h) @ embed^T (tied embeddings) or a separate output matrix.
 4. aux_loss = sum over MoE layers of every (already coefficient-weighted) aux term; aux_terms
-   sums each term by name over the layers, for logging.
+   sums each term by name over the layers, for logging. Model-scope losses (``switch`` with
+   ``scope: model``, Hugging Face's one loss over all layers' routing) are combined here from the
+   shares every layer's gate kept (``model_scope_losses``) and added as one term each.
 
 Activation checkpointing (``model.activation_checkpointing``) wraps each block in non-reentrant
 ``torch.utils.checkpoint``. The backward pass re-runs the block's forward; the MoE layer's load
@@ -30,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_dist.config import ModelConfig
-from moe_dist.layers.gate import HasGate
+from moe_dist.layers.gate import HasGate, model_scope_losses
 from moe_dist.layers.moe_layer import MoELayer
 from moe_dist.models.attention import CausalSelfAttention, KVCache, document_mask, residual_out_std
 from moe_dist.models.norm import RMSNorm
@@ -140,6 +142,7 @@ class MoETransformer(nn.Module):
                 h_BSH, aux = block(h_BSH, mask_B1SS, cache[i])
             for name, value in aux.items():
                 aux_terms[name] = aux_terms[name] + value if name in aux_terms else value
+        aux_terms.update(model_scope_losses([layer.gate for layer in self.moe_layers()]))
         h_BSH = self.norm(h_BSH)
         weight_VH = self.embed.weight if self.output is None else self.output.weight
         logits_BSV = F.linear(h_BSH, weight_VH.to(h_BSH.dtype))

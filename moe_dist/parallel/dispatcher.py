@@ -53,6 +53,7 @@ from moe_dist.parallel.all_to_all import exchange_counts, group_size
 from moe_dist.parallel.chunk_exchange import exchange_chunks
 from moe_dist.parallel.chunk_plan import ChunkPlan
 from moe_dist.parallel.shm_transport import ShmTransport
+from moe_dist.profile_ranges import named_range
 from moe_dist.routing.base import Routing
 
 
@@ -125,9 +126,10 @@ class AllToAllDispatcher:
         )
         tokens_per_local_expert_e = torch.tensor(recv_Re, dtype=torch.int64).reshape(R, e).sum(0)
         # 4. exchange rows, and their routing weights; they arrive expert-major.
-        recv_YH = exchange_chunks(x_XH, plan, self.ep_group, self.shm)
         weights_plan = replace(plan, send_index=slots_X, in_rows=T * K)
-        w_Y = exchange_chunks(routing.weights_TK.reshape(-1), weights_plan, self.ep_group, self.shm)
+        with named_range("all_to_all"):
+            recv_YH = exchange_chunks(x_XH, plan, self.ep_group, self.shm)
+            w_Y = exchange_chunks(routing.weights_TK.reshape(-1), weights_plan, self.ep_group, self.shm)
         ctx = DispatchContext(
             num_tokens=T,
             top_k=K,
@@ -145,7 +147,8 @@ class AllToAllDispatcher:
         T, K, H = ctx.num_tokens, ctx.top_k, expert_out_YH.shape[-1]
         if ctx.plan is not None:
             back = replace(ctx.plan.reverse(), recv_index=ctx.slots_X, out_rows=T * K)
-            buf_SH = exchange_chunks(expert_out_YH, back, self.ep_group, self.shm)
+            with named_range("all_to_all"):
+                buf_SH = exchange_chunks(expert_out_YH, back, self.ep_group, self.shm)
             return buf_SH.view(T, K, H).sum(1)
         # every slot stayed here: place and sum without an exchange
         return sum_slot_rows(expert_out_YH, ctx.slots_X, T, K, self.fused_kernels)

@@ -39,6 +39,25 @@ Forward:
    [-1, 1], not logits, so a z-loss would only push tokens away from their prototypes
    (``has_logits = False``; the z_loss config check rejects the pair).
 
+Initialisation (``init``): ``hf`` (default) as the official models get it from Hugging Face's
+``PreTrainedModel._init_weights`` (``post_init`` reaches the router's modules too): the encoder
+and ``out_proj`` weights ~ N(0, ``init_std`` = ``initializer_range`` 0.02), zero biases;
+LayerNorm ones/zeros; keys ``randn`` (a Parameter, which ``_init_weights`` leaves alone).
+``torch`` keeps PyTorch's ``nn.Linear`` default (Kaiming-uniform, std 1/sqrt(3 fan_in)): for
+``out_proj`` (fan_in = d_lat = 16) that is ~0.14 instead of 0.02, so the decoded latent added to
+the experts' input starts several times larger relative to that input (earlier moe_dist
+releases used ``torch``; ``tests/routing/test_lpr.py`` measures the ratio).
+
+``loss_coef`` is the factor of the per-layer regulariser sum IN THE OPTIMISED OBJECTIVE. The
+official configs write ``router_kl_loss_coef: 0.01`` (our default), but the official trainer
+(``model_zoo/utils.py`` ``TrainerWithLogger.compute_loss``, Hugging Face's Trainer with
+``num_items_in_batch``) divides the summed LM loss of each micro-batch by the token count of the
+whole accumulated step and adds ``0.01 * sum(layer losses)`` to EVERY micro-batch unscaled
+(``model_zoo/Qwen3Moe.py``), so one optimizer step minimises CE + GA * 0.01 * mean regulariser:
+0.27 with the Qwen3 / Mixtral LPR configs' ``gradient_accumulate_steps: 27``, 0.18 with
+DeepSeekV3's 18. ``configs/compare/lpr_paper.yaml`` uses the effective 0.27 and keeps 0.01 as an
+arm. (The same applies to the baselines' ``router_aux_loss_coef``: 1e-3 x GA.)
+
 EMA keys (``ema_keys: true``, official ``update_expert_keys``, whose call site is commented out
 in the released trainer, hence off by default): each training forward accumulates W^T z and
 sum_t W into buffers; ``after_step`` all-reduces them over ``sync_group`` (default: the world
@@ -73,7 +92,12 @@ class LPRConfig(RouterConfig):
     div_weight: float = Field(1.0, ge=0.0)
     kl_weight: float = Field(0.01, ge=0.0)
     align_weight: float = Field(0.1, ge=0.0, description="0.1 in the Qwen3 config, 0.05 for Mixtral/DeepSeek")
-    loss_coef: float = Field(0.01, ge=0.0, description="model-level router_kl_loss_coef on the per-layer sum")
+    loss_coef: float = Field(
+        0.01,
+        ge=0.0,
+        description="factor of the per-layer sum in the optimised loss (official: 0.01 written, "
+        "0.27 effective)",
+    )
     diversity_max_tokens: int | None = Field(
         1024, ge=2, description="D(mu) on a random sample of at most this many tokens (null = all, T x T)"
     )
@@ -81,6 +105,10 @@ class LPRConfig(RouterConfig):
     ema_keys: bool = Field(False, description="EMA key update in after_step (off in the released training)")
     ema_decay: float = Field(0.8, ge=0.0, lt=1.0)
     unit_ball_init: bool = Field(False, description="normalise the random keys at init (paper's 'w/ init')")
+    init: Literal["hf", "torch"] = Field(
+        "hf", description="encoder/out_proj init: hf = N(0, init_std), zero bias (official); torch = default"
+    )
+    init_std: float = Field(0.02, gt=0.0, description="Hugging Face initializer_range (init: hf)")
 
 
 def diversity(v_MD: torch.Tensor, kind: str) -> torch.Tensor:
@@ -122,6 +150,13 @@ class LPRRouter(Router):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        for linear in (self.encoder, self.out_proj):
+            if self.cfg.init == "hf":
+                nn.init.normal_(linear.weight, std=self.cfg.init_std)
+                nn.init.zeros_(linear.bias)
+            else:
+                linear.reset_parameters()
+        self.norm.reset_parameters()
         with torch.no_grad():
             keys = torch.randn(self.num_experts, self.cfg.latent_dim)
             self.expert_keys.copy_(F.normalize(keys, dim=-1) if self.cfg.unit_ball_init else keys)

@@ -42,6 +42,7 @@ from moe_dist.config import Config
 from moe_dist.models import build_model
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.parallel.mesh import ParallelMeshes
+from moe_dist.profile_ranges import named_range
 from moe_dist.training import checkpoint, dcp_checkpoint
 from moe_dist.training.checkpoint_choice import read_meta
 from moe_dist.training.fsdp import ShardedGradients, shard_model
@@ -121,7 +122,8 @@ class NativeEngine:
         return self.grads.clip(self.grad_clip)
 
     def step(self) -> None:
-        self.optimizer.step()
+        with named_range("optimizer"):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def skip(self) -> None:

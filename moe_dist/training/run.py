@@ -50,10 +50,13 @@ from moe_dist.parallel.startup import init_distributed, shutdown_distributed
 from moe_dist.training import checkpoint, checkpoint_choice
 from moe_dist.training.evaluate import evaluate
 from moe_dist.training.host_memory import retain_freed_memory
+from moe_dist.training.loggers import open_loggers
 from moe_dist.training.metrics_log import Console, MetricsLog
 from moe_dist.training.optim import lr_at
+from moe_dist.training.profiling import StepProfiler
 from moe_dist.training.step_hook import finish_step
 from moe_dist.training.summary import TrainResult, end_summary, layer_record
+from moe_dist.training.utilization import Utilization
 
 
 class Engine(Protocol):
@@ -143,7 +146,7 @@ def train(
     # ---- 1. start
     own_pg = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(cfg.parallel)
-    tel = log = None
+    tel = log = loggers = prof = None
     try:
         check_world_size(cfg, info.world_size)
         groups = ParallelGroups.build(cfg.parallel.ep_size, cfg.parallel.ep_transport)
@@ -181,6 +184,9 @@ def train(
             (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
             log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_path is not None else None)
         tel = _start_telemetry(cfg, groups, model, info.local_rank)
+        loggers = open_loggers(cfg, is_main, start_step if resume_path is not None else None)
+        prof = StepProfiler(cfg.run.profile, run_dir, groups.rank, device)
+        util = Utilization.for_run(cfg, model, device, groups, console.say)  # peak memory, MFU
         console.say(
             f"{cfg.run.name}: {engine.describe()}, world {groups.world_size}"
             f" = DP {groups.dp_size} x EP {groups.ep_size}, device {device}, data: {batches.source}"
@@ -192,6 +198,7 @@ def train(
 
         # ---- 3. loop
         for step in range(start_step + 1, cfg.schedule.steps + 1):
+            prof.before(step)
             t0 = time.perf_counter()
             lr = lr_at(step - 1, cfg.optim, cfg.schedule)
             engine.set_lr(lr)
@@ -211,9 +218,12 @@ def train(
             local = [task_sum, *(aux_sums[k] for k in names)]
             dropped_local = [layer.gate.dropped_tokens.double() for layer in model.moe_layers()]
             dropped_L = torch.stack(dropped_local) if dropped_local else torch.zeros(0, dtype=torch.float64)
-            means = _all_reduce_mean(torch.stack(local) / cfg.data.grad_accum, dropped_L, groups)
+            mem_W = util.memory_slots(dropped_L.device)  # every rank's peak memory, in the same collective
+            means = _all_reduce_mean(
+                torch.stack(local) / cfg.data.grad_accum, torch.cat([dropped_L, mem_W]), groups
+            )
             loss, aux_mean = means[0], dict(zip(names, means[1 : 1 + len(names)]))
-            dropped = means[1 + len(names) :]
+            dropped, mem_W = means[1 + len(names) : -len(mem_W)], means[-len(mem_W) :]
             # c. non-finite guard: reduced loss terms and the global norm are the same on every rank
             skipped = not all(math.isfinite(v) for v in (loss, *aux_mean.values(), grad_norm))
             # d. update
@@ -249,6 +259,7 @@ def train(
                 "tokens_per_s": tok_s,
                 "step_seconds": step_seconds,
                 "skipped": skipped,
+                **util.fields(mem_W, tok_s),
             }
             if log is not None:
                 record["layers"] = [
@@ -263,8 +274,11 @@ def train(
             record["elapsed_s"] = time.perf_counter() - t_run
             if log is not None:
                 log.write(record)
+            if loggers is not None:
+                loggers.write(record)
             extra = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
             console.step(step, loss, lr, tok_s, extra)
+            prof.after(step)
             if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 trainer_state = {"counts": [c.tolist() for c in counts_total]}
                 engine.save(ckpt_root, step, trainer_state, cfg.checkpoint.keep)
@@ -299,6 +313,10 @@ def train(
     finally:
         if log is not None:
             log.close()
+        if loggers is not None:
+            loggers.close()
+        if prof is not None:
+            prof.close()
         if tel is not None:
             with contextlib.suppress(Exception):
                 tel.close({"error": True})

@@ -341,8 +341,14 @@ def test_report_and_plots_from_handmade_logs(tmp_path: Path) -> None:
     assert b["steps_to_baseline"] is None and b["drop_fraction"] is None
     table = report.markdown_table(rows, "a")
     assert "| b | 1.5000 | +0.5000 | not reached |" in table and "n/a" in table
-    paths = plot_all(logs, "a", tmp_path / "plots")
-    assert {p.name for p in paths} == {"val_loss.png", "gini.png", "load_a.png", "load_b.png"}
+    paths = plot_all({None: logs}, "a", tmp_path / "plots")
+    assert {p.name for p in paths} == {
+        "val_loss.png",
+        "gini.png",
+        "gini_layers.png",
+        "load_a.png",
+        "load_b.png",
+    }
     assert all(p.stat().st_size > 1000 for p in paths)
     edges, norm_EW = binned_load(np.array(skewed)[:, 1, :], max_bins=4)
     assert list(edges) == [0, 2, 5, 7, 10] and np.allclose(norm_EW[:, 0], [2.0, 2.0, 0.0, 0.0])
@@ -365,8 +371,24 @@ def test_shipped_configs_are_valid_for_every_variant(config: str) -> None:
     assert {c["run"]["out_dir"] for c in configs.values()} == {"/nonexistent/out/runs"}
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs" / "compare").glob("*.yaml")))
+def test_shipped_presets_are_valid_for_every_arm_and_seed(preset: str) -> None:
+    from moe_dist.compare.presets import preset_path, split_compare_file
+    from moe_dist.compare.runner import CompareOptions, build_configs
+
+    path = preset_path(preset, ROOT)
+    _, section = split_compare_file(str(path))
+    configs = build_configs(CompareOptions(config=str(path), variants=None, out=Path("/nonexistent/o")))
+    assert set(configs) == {f"{a}_seed{s}" for a in section.arms for s in section.seeds}
+    assert section.baseline in section.arms and len(section.seeds) >= 3 and section.claims
+    for key, cfg in configs.items():
+        assert cfg["run"]["seed"] == int(key.rsplit("seed", 1)[1])
+        assert cfg["run"]["out_dir"].startswith("/nonexistent/o/runs/")
+        assert cfg["data"]["tokenizer"]["kind"] == "hf"
+
+
 @pytest.mark.slow
-def test_reuse_keeps_finished_runs_and_rebuilds_the_same_table(
+def test_rerun_keeps_finished_runs_and_rebuilds_the_same_table(
     compared: tuple[Path, subprocess.CompletedProcess, Path],
 ) -> None:
     from moe_dist.cli import main
@@ -375,7 +397,7 @@ def test_reuse_keeps_finished_runs_and_rebuilds_the_same_table(
     assert proc.returncode == 0, proc.stderr
     log = out / "runs" / "switch" / "metrics.jsonl"
     mtime, rows = log.stat().st_mtime_ns, json.loads((out / "results.json").read_text())["rows"]
-    args = ["compare", str(base), "--variants", "switch,aux_free", "--out", str(out), "--reuse"]
+    args = ["compare", str(base), "--variants", "switch,aux_free", "--out", str(out)]
     assert main([*args, "--last-n", str(LAST_N), "--pes-tokens", "64", "--quiet"]) == 0
     assert log.stat().st_mtime_ns == mtime  # not trained again
     again = json.loads((out / "results.json").read_text())["rows"]

@@ -1,0 +1,106 @@
+"""A comparison file: a training config plus a ``compare:`` section (arms, seeds, baseline, claims).
+
+``configs/compare/lpr_paper.yaml`` and ``simbal_paper.yaml`` are such files (``moe-dist compare
+--preset lpr_paper``); a plain training config (``configs/compare.yaml``) has no ``compare:``
+section and uses the built-in variants (``variants.py``).
+
+The section (every key optional):
+
+- ``arms``: name -> ``{description, router, losses}``: what replaces ``model.moe.router`` and
+  ``model.moe.losses`` in that arm (``top_k`` from the base router when the arm's router has none).
+- ``baseline``: the arm the iso-loss column and the claims compare against.
+- ``seeds``: the seeds every arm runs with (``--seeds`` overrides).
+- ``parallel``, ``last_n``, ``pes_tokens``: defaults of the flags of the same names.
+- ``prepare``: data made once before the arms run (`compare.prepare`): ``{inputs, vocab_size,
+  dir}``; the base config then reads ``dir/corpus`` with ``dir/tokenizer.json``.
+- ``claims``: the papers' claims this comparison tests, each ``{text, arm, metric, better}``
+  (`compare.seeds` turns each into a line: difference, seed spread, verdict).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moe_dist.compare.variants import Variant
+from moe_dist.config import ConfigError, read_yaml
+
+PRESET_DIR = Path("configs") / "compare"
+CLAIM_METRICS = ("final_val_loss", "ema_gini", "ema_min_max", "gini", "min_max_ratio", "pes_min", "speedup")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArmSpec(_Strict):
+    description: str = ""
+    router: dict[str, Any]
+    losses: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class PrepareSpec(_Strict):
+    inputs: list[str] = Field(min_length=1, description="text files, directories or globs")
+    vocab_size: int = Field(8192, gt=256)
+    dir: str = Field(description="where tokenizer.json and corpus.{bin,idx} are written (cached)")
+    install_hint: str = Field("", description="what to install when the inputs are missing")
+
+
+class ClaimSpec(_Strict):
+    text: str
+    arm: str
+    metric: Literal[CLAIM_METRICS]  # type: ignore[valid-type]
+    better: Literal["lower", "higher"]
+
+
+class CompareSection(_Strict):
+    arms: dict[str, ArmSpec] = Field(default_factory=dict)
+    baseline: str | None = None
+    seeds: list[int] = Field(default_factory=list)
+    parallel: int | None = Field(None, ge=1)
+    last_n: int | None = Field(None, ge=1)
+    pes_tokens: int | None = Field(None, ge=1)
+    prepare: PrepareSpec | None = None
+    claims: list[ClaimSpec] = Field(default_factory=list)
+
+    def variants(self) -> dict[str, Variant]:
+        return {
+            name: Variant(name, arm.description, arm.router, arm.losses) for name, arm in self.arms.items()
+        }
+
+
+def preset_path(name: str, root: Path | None = None) -> Path:
+    """``configs/compare/NAME.yaml`` under ``root`` (default: the working directory, then the
+    source tree this package lives in)."""
+    roots = [root] if root is not None else [Path.cwd(), Path(__file__).resolve().parents[2]]
+    for r in roots:
+        p = r / PRESET_DIR / f"{name}.yaml"
+        if p.is_file():
+            return p
+    known = sorted(
+        p.stem for r in roots if (r / PRESET_DIR).is_dir() for p in (r / PRESET_DIR).glob("*.yaml")
+    )
+    raise ConfigError([f"--preset: no preset {name!r} (known: {', '.join(sorted(set(known))) or 'none'})"])
+
+
+def split_compare_file(path: str | None) -> tuple[dict[str, Any], CompareSection]:
+    """(the training config as a raw dict, its validated ``compare:`` section)."""
+    data = read_yaml(path) if path else {}
+    raw = data.pop("compare", None) or {}
+    try:
+        section = CompareSection.model_validate(raw)
+    except ValidationError as exc:
+        errors = ["compare." + ".".join(str(p) for p in e["loc"]) + f": {e['msg']}" for e in exc.errors()]
+        raise ConfigError(errors, path) from None
+    problems = []
+    names = set(section.arms)
+    if section.baseline is not None and names and section.baseline not in names:
+        problems.append(f"compare.baseline: {section.baseline!r} is not an arm ({', '.join(names)})")
+    for i, claim in enumerate(section.claims):
+        if names and claim.arm not in names:
+            problems.append(f"compare.claims.{i}.arm: {claim.arm!r} is not an arm ({', '.join(names)})")
+    if problems:
+        raise ConfigError(problems, path)
+    return data, section

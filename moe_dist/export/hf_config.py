@@ -1,0 +1,96 @@
+"""``config.json`` of the exported model, in the layout of the Hugging Face Hub's own checkpoints.
+
+Source: ``MixtralConfig`` (``models/mixtral/configuration_mixtral.py``) and ``Qwen3MoeConfig``
+(``models/qwen3_moe/configuration_qwen3_moe.py``); the keys are those of the Hub's
+``mistralai/Mixtral-8x7B-v0.1`` and ``Qwen/Qwen3-30B-A3B`` config files, so that every
+``transformers`` from 4.51 on reads them (``rope_theta`` at the top level, as 4.x wants it, and
+``rope_parameters`` as 5.x names it).
+
+Field by field (ours -> theirs): dim -> hidden_size; n_layers -> num_hidden_layers; n_heads ->
+num_attention_heads; n_kv_heads (or n_heads) -> num_key_value_heads; dim / n_heads -> head_dim;
+max_seq_len -> max_position_embeddings; norm_eps -> rms_norm_eps (ours applies it to QK-norm
+too, as Qwen3 does); rope_theta; tie_embeddings -> tie_word_embeddings; moe.num_experts ->
+num_local_experts (Mixtral) / num_experts (Qwen3); router.top_k -> num_experts_per_tok;
+router.renormalize -> norm_topk_prob (Qwen3); experts.ffn_hidden_size -> intermediate_size
+(Mixtral) / moe_intermediate_size (Qwen3); dense_layers -> mlp_only_layers = [0 .. N-1] and
+dense_ffn_hidden_size -> intermediate_size (Qwen3).
+
+Metadata only (no effect on the forward): ``router_aux_loss_coef`` is the coefficient of our
+``switch`` or ``global_batch`` loss (0 when the run used neither); ``transformers`` adds that
+loss (its ``load_balancing_loss_func``, Switch-style over the whole batch and all layers) only
+when fine-tuning with ``output_router_logits``, so it is not our training objective (which may
+also hold z-loss, SimBal or sequence-wise terms; they are listed under ``moe_dist``).
+``router_jitter_noise`` is 0 (see ``hf_support``). The ``moe_dist`` key records the run, step,
+router and losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moe_dist.config import ModelConfig
+from moe_dist.export.hf_support import Arch
+
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def aux_loss_coef(model: ModelConfig) -> float:
+    """The coefficient of the Switch-style balancing loss (``switch`` or ``global_batch``), else 0."""
+    for loss in model.moe.losses:
+        if loss.name in ("switch", "global_batch"):
+            return float(loss.coef)
+    return 0.0
+
+
+def hf_config(
+    model: ModelConfig, arch: Arch, eos_token_id: int | None, provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``config.json`` dictionary of ``model`` as ``arch``; ``provenance`` goes under ``moe_dist``."""
+    moe = model.moe
+    common: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.dim,
+        "num_hidden_layers": model.n_layers,
+        "num_attention_heads": model.n_heads,
+        "num_key_value_heads": model.n_kv_heads or model.n_heads,
+        "head_dim": model.dim // model.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len,
+        "rms_norm_eps": model.norm_eps,
+        "rope_theta": model.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+        "rope_scaling": None,
+        "attention_dropout": 0.0,
+        "sliding_window": None,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": model.tie_embeddings,
+        "use_cache": True,
+        "num_experts_per_tok": moe.router.top_k,
+        "output_router_logits": False,
+        "router_aux_loss_coef": aux_loss_coef(model),
+        "bos_token_id": None,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": None,
+        "torch_dtype": "float32",
+    }
+    if arch == "mixtral":
+        specific: dict[str, Any] = {
+            "num_local_experts": moe.num_experts,
+            "intermediate_size": moe.experts.ffn_hidden_size,
+            "router_jitter_noise": 0.0,
+        }
+    else:
+        specific = {
+            "num_experts": moe.num_experts,
+            "moe_intermediate_size": moe.experts.ffn_hidden_size,
+            "intermediate_size": model.dense_ffn_hidden_size,
+            "norm_topk_prob": bool(getattr(moe.router, "renormalize", True)),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": list(range(model.dense_layers)),
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "max_window_layers": model.n_layers,
+        }
+    return {**common, **specific, "moe_dist": provenance}
