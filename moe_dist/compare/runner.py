@@ -1,6 +1,6 @@
 """``moe-dist compare``: train every arm of one base config (and seed), then write the table and plots.
 
-1. Configs: the comparison file (a training config, optionally with a ``compare:`` section:
+1. Configs (``plan.py``): the comparison file (a training config, optionally with a ``compare:`` section:
    ``presets.py``) + ``--set`` overrides + ``--steps``; its ``compare.prepare`` data is made
    first (``prepare.py``); then each arm's router and losses (``variants.apply_variant``) and,
    with seeds, ``run.seed``. Every config is validated before anything runs and written to
@@ -18,7 +18,7 @@
    compare's command continues it; ``--fresh`` clears every run first.
 4. Final model: as each run ends, ``final_model.analyze_final_model`` (drops at capacity factor
    1.0, PES on sampled validation tokens) on its final checkpoint.
-5. Report: ``OUT/results.md`` (tables), ``OUT/results.json`` (every number, per layer and per
+5. Report (``results_files.py``): ``OUT/results.md`` (tables), ``OUT/results.json`` (every number, per layer and per
    seed too) and the PNGs, all computed from the metrics logs the runs wrote; with seeds,
    ``seeds.py`` adds mean +- std over seeds, iso-loss per seed and a line per claim.
 """
@@ -34,137 +34,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from moe_dist.compare import final_model, plots, report, seeds
-from moe_dist.compare.arm_logs import RunLog, read_run_log
-from moe_dist.compare.prepare import prepare_data, prepared_data_config
-from moe_dist.compare.presets import ClaimSpec, split_compare_file
-from moe_dist.compare.variants import BASELINE, DEFAULT_VARIANTS, VARIANTS, Variant, apply_variant
-from moe_dist.config import ConfigError, apply_overrides, config_from_dict, config_to_dict
-
-
-@dataclass
-class CompareOptions:
-    """The command line; None = the comparison file's ``compare:`` value, else the built-in default."""
-
-    config: str | None
-    variants: list[str] | None
-    out: Path
-    steps: int | None = None
-    parallel: int | None = None
-    nproc: int = 1
-    overrides: list[str] = field(default_factory=list)
-    baseline: str | None = None
-    last_n: int | None = None
-    pes_tokens: int | None = None
-    seeds: list[int] | None = None
-    fresh: bool = False
-    quiet: bool = False
-
-
-@dataclass
-class Plan:
-    """What runs: the arms (in order), seeds (None: one run per arm with the config's seed, in
-    ``runs/<arm>``), and the report's settings."""
-
-    variants: dict[str, Variant]
-    baseline: str
-    seeds: list[int] | None
-    parallel: int
-    last_n: int
-    pes_tokens: int
-    claims: list[ClaimSpec]
-
-
-@dataclass
-class Job:
-    arm: str
-    seed: int | None
-    run_dir: Path
-    cfg: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return self.arm if self.seed is None else f"{self.arm}_seed{self.seed}"
-
-
-def make_plan(opts: CompareOptions, prepare: bool = True) -> tuple[Plan, dict[str, Any]]:
-    """The plan and the raw base config (overrides, steps and prepared data applied; with
-    ``prepare`` false the data is only named, not made)."""
-    base, section = split_compare_file(opts.config)
-    known = section.variants() or VARIANTS
-    names = opts.variants or list(section.arms) or DEFAULT_VARIANTS
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError([f"--variants: unknown arm(s) {', '.join(unknown)}; known: {', '.join(known)}"])
-    baseline = opts.baseline or section.baseline or BASELINE
-    if baseline not in known:
-        raise ConfigError([f"--baseline: unknown arm {baseline!r}; known: {', '.join(known)}"])
-    errors = apply_overrides(base, opts.overrides)
-    if errors:
-        raise ConfigError(errors, opts.config)
-    if opts.steps is not None:
-        sched = base.setdefault("schedule", {})
-        sched["steps"] = opts.steps
-        sched["warmup_steps"] = min(int(sched.get("warmup_steps", 20)), opts.steps)
-        if sched.get("decay_steps") is not None:
-            sched["decay_steps"] = min(int(sched["decay_steps"]), opts.steps - sched["warmup_steps"])
-    if opts.nproc > 1:
-        base.setdefault("parallel", {}).setdefault("ep_size", opts.nproc)
-    plan = Plan(
-        variants={n: known[n] for n in names},
-        baseline=baseline,
-        seeds=opts.seeds if opts.seeds is not None else (section.seeds or None),
-        parallel=opts.parallel or section.parallel or 1,
-        last_n=opts.last_n or section.last_n or 100,
-        pes_tokens=opts.pes_tokens or section.pes_tokens or 1024,
-        claims=[c for c in section.claims if c.arm in names and baseline in names],
-    )
-    if section.prepare is not None:
-        data = base.setdefault("data", {})
-        if prepare:
-            data.update(prepare_data(section.prepare, say=lambda m: print(f"[compare] {m}", file=sys.stderr)))
-        else:
-            data.update(prepared_data_config(section.prepare))
-    return plan, base
-
-
-def build_jobs(opts: CompareOptions, plan: Plan, base: dict[str, Any]) -> list[Job]:
-    """Validated configs, one per (arm, seed); raises ConfigError naming the arm and the key."""
-    runs = opts.out / "runs"
-    base.setdefault("run", {})["out_dir"] = str(runs)
-    config_from_dict(base, opts.config)  # errors of the base once, not once per arm
-    jobs: list[Job] = []
-    all_errors: list[str] = []
-    for seed in plan.seeds or [None]:  # seed-major: a partial comparison holds whole seeds
-        for name, variant in plan.variants.items():
-            data = apply_variant(base, variant)
-            if seed is None:
-                data["run"]["name"] = name
-            else:
-                data["run"].update(out_dir=str(runs / name), name=f"seed{seed}", seed=seed)
-            try:
-                cfg = config_to_dict(config_from_dict(data))
-            except ConfigError as exc:
-                all_errors += [f"arm {name}: {e}" for e in exc.errors]
-                continue
-            run_dir = Path(cfg["run"]["out_dir"]) / cfg["run"]["name"]
-            jobs.append(Job(name, seed, run_dir, cfg))
-    if all_errors:
-        raise ConfigError(all_errors, opts.config)
-    return jobs
-
-
-def build_configs(opts: CompareOptions) -> dict[str, dict[str, Any]]:
-    """Every run's validated config by job key (``arm`` or ``arm_seed<N>``), without preparing data."""
-    plan, base = make_plan(opts, prepare=False)
-    return {job.key: job.cfg for job in build_jobs(opts, plan, base)}
+from moe_dist.compare import final_model, report
+from moe_dist.compare.plan import CompareOptions, Job, Plan, build_jobs, make_plan
+from moe_dist.compare.results_files import write_report
+from moe_dist.config import ConfigError, config_from_dict, config_to_dict
 
 
 def train_command(config_path: Path, nproc: int) -> list[str]:
@@ -281,116 +159,6 @@ def run_jobs(
             proc.wait()
             log_fh.close()
     return status
-
-
-def write_report(
-    opts: CompareOptions, plan: Plan, jobs: list[Job], status: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    """results.json, results.md and the PNGs from the metrics logs of the runs that finished."""
-    failed = [j.key for j in jobs if status.get(j.key, {}).get("returncode") != 0]
-    per_seed: dict[int | None, list[dict[str, Any]]] = {}
-    logs_by_seed: dict[int | None, dict[str, RunLog]] = {}
-    for seed in plan.seeds or [None]:
-        logs = {
-            j.arm: read_run_log(j.run_dir / "metrics.jsonl", j.arm)
-            for j in jobs
-            if j.seed == seed and j.key not in failed
-        }
-        finals = {j.arm: status.get(j.key, {}).get("final_model", {}) for j in jobs if j.seed == seed}
-        per_seed[seed] = report.summarize(logs, finals, plan.baseline, plan.last_n)
-        logs_by_seed[seed] = logs
-    any_cfg = jobs[0].cfg
-    results: dict[str, Any] = {
-        "command": command_line(opts),
-        "baseline": plan.baseline,
-        "last_n": plan.last_n,
-        "pes_tokens": plan.pes_tokens,
-        "variants": {n: v.description for n, v in plan.variants.items()},
-        "failed": failed,
-        "status": status,
-        "base_config": {k: v for k, v in any_cfg.items() if k != "run"} | {"seed": any_cfg["run"]["seed"]},
-        "machine": {
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "parallel": plan.parallel,
-            "nproc": opts.nproc,
-        },
-    }
-    if plan.seeds is None:
-        results["rows"] = per_seed[None]
-    else:
-        results["seeds"] = plan.seeds
-        results["rows_per_seed"] = {str(s): rows for s, rows in per_seed.items()}
-        results["seed_rows"] = seeds.aggregate(per_seed, list(plan.variants), plan.baseline)
-        results["claims"] = seeds.judge_claims(results["seed_rows"], per_seed, plan.claims, plan.baseline)
-    (opts.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    pngs = plots.plot_all(logs_by_seed, plan.baseline, opts.out) if any(logs_by_seed.values()) else []
-    (opts.out / "results.md").write_text(results_markdown(results, per_seed, pngs, plan))
-    return results
-
-
-def results_markdown(
-    results: dict[str, Any], per_seed: dict[int | None, list[dict[str, Any]]], pngs: list[Path], plan: Plan
-) -> str:
-    cfg = results["base_config"]
-    m, s, d = cfg["model"], cfg["schedule"], cfg["data"]
-    router = m["moe"]["router"]
-    k = router.get("top_k", router.get("capacity_factor"))
-    seeds_text = f"seeds {', '.join(map(str, plan.seeds))}" if plan.seeds else f"seed {cfg['seed']}"
-    lines = [
-        "# Router comparison",
-        "",
-        f"Command: `{results['command']}`",
-        "",
-        f"Model: dim {m['dim']}, {m['n_layers']} layers, {m['moe']['num_experts']} experts, top-{k}, "
-        f"expert FFN {m['moe']['experts']['ffn_hidden_size']}; {s['steps']} steps of "
-        f"{d['micro_batch_size']} x {d['seq_len']} tokens per rank x {d['grad_accum']} micro-batches, "
-        f"lr {cfg['optim']['lr']} ({s['kind']}), {seeds_text}.",
-        "",
-    ]
-    if plan.seeds:
-        lines += [seeds.markdown_table(results["seed_rows"], plan.baseline), ""]
-        lines += seeds.claim_lines(results["claims"]) + [""]
-        for seed, rows in per_seed.items():
-            lines += [f"## Seed {seed}", "", report.markdown_table(rows, plan.baseline)]
-    else:
-        lines += [report.markdown_table(per_seed[None], plan.baseline)]
-    lines += [
-        f"Load metrics (Gini, min/max, CV, MaxVio) are over the global counts of the last {plan.last_n} "
-        "steps, mean over layers; EMA columns are LPR's 0.99 EMA of per-step counts (its Gini and "
-        "min/max), mean over layers. Drops: fraction of token-slots over ceil(1.0 * slots / E) per expert, "
-        f"final model, validation batches. PES: SimBal's mean pairwise cosine of all experts' outputs on "
-        f"{plan.pes_tokens} randomly sampled validation tokens, final model, min over layers.",
-        "",
-    ]
-    if results["failed"]:
-        lines += [f"Failed: {', '.join(results['failed'])} (see runs/<arm>/.../train.log).", ""]
-    lines += [f"![{p.stem}]({p.name})" for p in pngs]
-    return "\n".join(lines) + "\n"
-
-
-def command_line(opts: CompareOptions) -> str:
-    """The ``moe-dist compare`` command that reproduces ``opts``."""
-    argv = ["moe-dist", "compare", *([opts.config] if opts.config else [])]
-    if opts.variants:
-        argv += ["--variants", ",".join(opts.variants)]
-    argv += ["--out", str(opts.out)]
-    for flag, value in [
-        ("--steps", opts.steps),
-        ("--parallel", opts.parallel),
-        ("--baseline", opts.baseline),
-        ("--last-n", opts.last_n),
-        ("--pes-tokens", opts.pes_tokens),
-    ]:
-        if value is not None:
-            argv += [flag, str(value)]
-    if opts.nproc != 1:
-        argv += ["--nproc", str(opts.nproc)]
-    if opts.seeds is not None:
-        argv += ["--seeds", ",".join(map(str, opts.seeds))]
-    for item in opts.overrides:
-        argv += ["--set", item]
-    return shlex.join(argv)
 
 
 def compare(opts: CompareOptions) -> int:

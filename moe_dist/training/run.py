@@ -19,8 +19,9 @@ it holds, its forward/backward, gradient reduction, optimizer step and checkpoin
       (both are group-wide values), and says so;
    d. ``engine.step()`` or ``engine.skip()``, then ``finish_step``: global expert counts, router
       after-step hooks;
-   e. log (console, metrics.jsonl, telemetry), validate every ``eval.every``, checkpoint every
-      ``checkpoint.every``.
+   e. log (console, metrics.jsonl with peak memory and MFU, TensorBoard / W&B loggers,
+      telemetry), validate every ``eval.every``, checkpoint every ``checkpoint.every``;
+      ``run.profile`` traces a window of steps.
 4. End: final validation, final checkpoint (a background save is waited for), summary.json,
    telemetry summary.
 

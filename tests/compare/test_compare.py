@@ -363,7 +363,7 @@ def test_unreadable_log_names_file_and_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("config", ["configs/compare.yaml", "configs/compare_gpu.yaml"])
 def test_shipped_configs_are_valid_for_every_variant(config: str) -> None:
-    from moe_dist.compare.runner import CompareOptions, build_configs
+    from moe_dist.compare.plan import CompareOptions, build_configs
 
     opts = CompareOptions(config=str(ROOT / config), variants=list(VARIANTS), out=Path("/nonexistent/out"))
     configs = build_configs(opts)
@@ -374,7 +374,7 @@ def test_shipped_configs_are_valid_for_every_variant(config: str) -> None:
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs" / "compare").glob("*.yaml")))
 def test_shipped_presets_are_valid_for_every_arm_and_seed(preset: str) -> None:
     from moe_dist.compare.presets import preset_path, split_compare_file
-    from moe_dist.compare.runner import CompareOptions, build_configs
+    from moe_dist.compare.plan import CompareOptions, build_configs
 
     path = preset_path(preset, ROOT)
     _, section = split_compare_file(str(path))

@@ -285,3 +285,30 @@ def test_loggers_off_import_nothing(tmp_path: Path) -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.slow
+def test_tensorboard_after_resume_reads_as_one_run(tmp_path: Path, threads_restored: None) -> None:
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from moe_dist.training.engines import engine_for
+    from moe_dist.training.run import train
+
+    cfg = tiny_config(
+        tmp_path,
+        "parallel.ep_size=1",
+        "schedule.steps=6",
+        "checkpoint.every=3",
+        "checkpoint.format=torch",
+        "logging.tensorboard.enabled=true",
+    )
+    train(cfg, engine_for(cfg), stop_after=5, stream=io.StringIO())  # killed after step 5, saved at 3
+    train(cfg, engine_for(cfg), resume="", stream=io.StringIO())
+    records = _records(cfg.run_dir)
+    acc = EventAccumulator(str(cfg.run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]  # steps 4, 5 of the first attempt purged
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in records], rel=1e-6)
