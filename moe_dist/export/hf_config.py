@@ -13,7 +13,8 @@ too, as Qwen3 does); rope_theta; tie_embeddings -> tie_word_embeddings; moe.num_
 num_local_experts (Mixtral) / num_experts (Qwen3); router.top_k -> num_experts_per_tok;
 router.renormalize -> norm_topk_prob (Qwen3); experts.ffn_hidden_size -> intermediate_size
 (Mixtral) / moe_intermediate_size (Qwen3); dense_layers -> mlp_only_layers = [0 .. N-1] and
-dense_ffn_hidden_size -> intermediate_size (Qwen3).
+dense_ffn_hidden_size -> intermediate_size (Qwen3). ``qwen3_moe_lpr`` is the Qwen3 config plus
+the LPR keys and ``auto_map`` of ``hf_lpr.lpr_config_fields``.
 
 Metadata only (no effect on the forward): ``router_aux_loss_coef`` is the coefficient of our
 ``switch`` or ``global_batch`` loss (0 when the run used neither); ``transformers`` adds that
@@ -29,9 +30,14 @@ from __future__ import annotations
 from typing import Any
 
 from moe_dist.config import ModelConfig
+from moe_dist.export.hf_lpr import lpr_config_fields
 from moe_dist.export.hf_support import Arch
 
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3_moe_lpr": "Qwen3MoeLPRForCausalLM",
+}
 
 
 def aux_loss_coef(model: ModelConfig) -> float:
@@ -93,4 +99,6 @@ def hf_config(
             "use_sliding_window": False,
             "max_window_layers": model.n_layers,
         }
+    if arch == "qwen3_moe_lpr":
+        specific |= lpr_config_fields(model)
     return {**common, **specific, "moe_dist": provenance}

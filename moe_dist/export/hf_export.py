@@ -4,14 +4,15 @@
    path or checkpoint is a ``CheckpointError``).
 2. Choose the target (``hf_support.choose_arch``) and refuse, in one line, whatever it cannot
    express (``hf_support.check_exportable``: ``ExportError``). Nothing has been written yet.
-3. Write ``config.json`` (``hf_config``), ``model.safetensors`` (``hf_weights``, fp32) and the
-   tokenizer files (``hf_tokenizer``) into ``.<name>.tmp-<pid>`` beside ``out_dir``, then rename
-   it to ``out_dir``: a failure at any point leaves nothing at ``out_dir``. An existing
-   non-empty ``out_dir`` is refused unless ``overwrite`` (then it is replaced after the new
-   directory is complete).
+3. Write ``config.json`` (``hf_config``), ``model.safetensors`` (``hf_weights``, fp32), the
+   tokenizer files (``hf_tokenizer``) and, for ``qwen3_moe_lpr``, the remote code (``hf_lpr``)
+   into ``.<name>.tmp-<pid>`` beside ``out_dir``, then rename it to ``out_dir``: a failure at any
+   point leaves nothing at ``out_dir``. An existing non-empty ``out_dir`` is refused unless
+   ``overwrite`` (then it is replaced after the new directory is complete).
 
 The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` and no network; its fp32
-logits equal ours within 1e-5 (``tests/export/test_export_hf.py``).
+logits equal ours within 1e-5 (``tests/export/test_export_hf.py``); ``qwen3_moe_lpr`` exports need
+``trust_remote_code=True`` (``tests/export/test_export_lpr.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from moe_dist.data.tokenizer import load_tokenizer
 from moe_dist.export.hf_config import hf_config
+from moe_dist.export.hf_lpr import write_remote_code
 from moe_dist.export.hf_support import Arch, ExportError, check_exportable, choose_arch
 from moe_dist.export.hf_tokenizer import write_tokenizer_files
 from moe_dist.export.hf_weights import hf_state_dict
@@ -75,6 +77,8 @@ def export_hf(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         files = ["config.json", "model.safetensors"]
         files += write_tokenizer_files(tokenizer, tok_cfg.path, cfg.model.max_seq_len, tmp)
+        if target == "qwen3_moe_lpr":
+            files += write_remote_code(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

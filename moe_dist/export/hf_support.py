@@ -10,10 +10,12 @@ Targets (``transformers`` classes whose forward the exported model must reproduc
   plus QK-norm on every layer (always on: ``Qwen3MoeAttention`` has no switch, so a model
   without ``model.qk_norm`` cannot be expressed), ``norm_topk_prob`` (renormalise or not) and
   dense SwiGLU layers listed in ``mlp_only_layers`` (our ``model.dense_layers`` prefix).
+- ``qwen3_moe_lpr``: ``Qwen3MoeLPRForCausalLM``, Hugging Face remote code shipped with the export
+  (``hf_lpr``): Qwen3-MoE whose router is LPR's; for ``lpr`` routers only, same rules otherwise.
 
-``choose_arch``: ``--arch`` when given, else ``qwen3_moe`` for QK-norm models and ``mixtral``
-otherwise. ``export_problems`` lists everything the chosen target cannot express;
-``check_exportable`` raises ``ExportError`` with all of them in one line.
+``choose_arch``: ``--arch`` when given, else ``qwen3_moe_lpr`` for LPR routers, ``qwen3_moe``
+for QK-norm models and ``mixtral`` otherwise. ``export_problems`` lists everything the chosen
+target cannot express; ``check_exportable`` raises ``ExportError`` with all of them in one line.
 
 Differences that do not change the inference forward (not refused): the router's training-time
 input jitter (``jitter_eps``; exported as ``router_jitter_noise`` 0, because Mixtral's jitter
@@ -29,8 +31,8 @@ from typing import Literal
 
 from moe_dist.config import ModelConfig
 
-Arch = Literal["mixtral", "qwen3_moe"]
-ARCHS: tuple[Arch, ...] = ("mixtral", "qwen3_moe")
+Arch = Literal["mixtral", "qwen3_moe", "qwen3_moe_lpr"]
+ARCHS: tuple[Arch, ...] = ("mixtral", "qwen3_moe", "qwen3_moe_lpr")
 
 
 class ExportError(Exception):
@@ -38,8 +40,11 @@ class ExportError(Exception):
 
 
 def choose_arch(model: ModelConfig, arch: str | None) -> Arch:
-    """``arch`` when given; else the target the model's attention says (QK-norm: Qwen3-MoE)."""
+    """``arch`` when given; else ``qwen3_moe_lpr`` for LPR routers, otherwise the target the
+    model's attention says (QK-norm: Qwen3-MoE)."""
     if arch is None:
+        if model.moe.router.name == "lpr":
+            return "qwen3_moe_lpr"
         return "qwen3_moe" if model.qk_norm else "mixtral"
     if arch not in ARCHS:
         raise ExportError(f"--arch: must be one of {', '.join(ARCHS)}, got {arch!r}")
@@ -51,11 +56,17 @@ def export_problems(model: ModelConfig, arch: Arch) -> list[str]:
     problems: list[str] = []
     moe = model.moe
     router = moe.router
-    if router.name != "topk_softmax":
+    if arch == "qwen3_moe_lpr":
+        if router.name != "lpr":
+            problems.append(
+                f"model.moe.router.name: {router.name}; qwen3_moe_lpr is the remote code of the lpr "
+                "router (use --arch qwen3_moe or mixtral)"
+            )
+    elif router.name != "topk_softmax":
         why = {
             "topk_sigmoid_bias": "sigmoid scores with a per-expert selection bias (DeepSeek-V3)",
             "expert_choice": "experts choose their tokens, so a token has a variable number of experts",
-            "lpr": "LPR's latent encoder and cosine prototype scores (no remote-code export yet)",
+            "lpr": "LPR's latent encoder and cosine prototype scores (use --arch qwen3_moe_lpr: remote code)",
         }.get(router.name, "a router other than softmax top-k")
         problems.append(
             f"model.moe.router.name: {router.name} ({why}) has no counterpart in {arch}'s router, "
@@ -86,10 +97,9 @@ def export_problems(model: ModelConfig, arch: Arch) -> list[str]:
         )
     if model.qk_norm and arch == "mixtral":
         problems.append("model.qk_norm: true; Mixtral's attention has no QK-norm (use --arch qwen3_moe)")
-    if not model.qk_norm and arch == "qwen3_moe":
-        problems.append(
-            "model.qk_norm: false; Qwen3-MoE always normalises q and k per head (use --arch mixtral)"
-        )
+    if not model.qk_norm and arch in ("qwen3_moe", "qwen3_moe_lpr"):
+        hint = "(use --arch mixtral)" if arch == "qwen3_moe" else "(the LPR export is Qwen3-MoE only)"
+        problems.append(f"model.qk_norm: false; Qwen3-MoE always normalises q and k per head {hint}")
     return problems
 
 

@@ -24,6 +24,7 @@ Ours -> theirs (``model.layers.{i}.`` prefix on the per-layer names; ``nn.Linear
 - experts ``w1_eHF[j]^T``, ``w3_eHF[j]^T`` ``[F, H]`` and ``w2_eFH[j]^T`` ``[H, F]`` ->
   ``block_sparse_moe.experts.{j}.w1/w3/w2.weight`` (Mixtral) /
   ``mlp.experts.{j}.gate_proj/up_proj/down_proj.weight`` (Qwen3): HF's gate is w1 (silu), up is w3.
+- ``qwen3_moe_lpr`` (remote code): the LPR router and fused experts, see ``hf_lpr``.
 - dense FFN (our ``dense_layers`` prefix, Qwen3 only) ``w1/w3/w2`` -> ``mlp.gate_proj/up_proj/down_proj``.
 
 Every tensor is a contiguous fp32 copy (safetensors refuses shared storage).
@@ -33,13 +34,14 @@ from __future__ import annotations
 
 import torch
 
+from moe_dist.export.hf_lpr import lpr_moe_tensors
 from moe_dist.export.hf_support import Arch
 from moe_dist.layers.moe_layer import MoELayer
 from moe_dist.models.transformer import Block, DenseFFN, MoETransformer
 
 # The names of one expert's three projections, and of the MoE block, per target.
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
-_MOE_PREFIX = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp"}
+_MOE_PREFIX = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "qwen3_moe_lpr": "mlp"}
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
@@ -83,10 +85,12 @@ def _block_tensors(block: Block, prefix: str, arch: Arch) -> dict[str, torch.Ten
     if not isinstance(ffn, MoELayer):
         raise TypeError(f"{prefix}: cannot export an FFN of type {type(ffn).__name__}")
     moe = f"{prefix}{_MOE_PREFIX[arch]}."
-    out[f"{moe}gate.weight"] = _copy(ffn.gate.router.weight_EH)
     experts = ffn.experts
     if experts.num_local_experts != experts.num_experts or experts.w3_eHF is None:
         raise ValueError("hf_state_dict: needs an EP=1 model with SwiGLU experts")
+    if arch == "qwen3_moe_lpr":  # LPR router, fused experts (remote code: hf_lpr)
+        return out | lpr_moe_tensors(ffn, moe, _copy)
+    out[f"{moe}gate.weight"] = _copy(ffn.gate.router.weight_EH)
     gate_name, up_name, down_name = _EXPERT_NAMES[arch]
     for j in range(experts.num_experts):
         out[f"{moe}experts.{j}.{gate_name}.weight"] = _copy(experts.w1_eHF[j].T)

@@ -45,7 +45,6 @@ def test_run_without_checkpoints(mixtral_run: Path, tmp_path: Path) -> None:
             ["model.moe.router.name=expert_choice", "model.moe.losses=[]"],
             "experts choose their tokens",
         ),
-        ("lpr", ["model.moe.router.name=lpr"], "LPR's latent encoder"),
     ],
 )
 def test_routers_without_a_counterpart(

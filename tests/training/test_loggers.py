@@ -241,6 +241,7 @@ def threads_restored() -> Any:
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_tensorboard_writer_failure_mid_run_warns_once_and_training_finishes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads_restored: None
 ) -> None:
