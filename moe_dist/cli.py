@@ -44,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moe_dist.config import ConfigError
     from moe_dist.data.errors import DataError
+    from moe_dist.export.hf_support import ExportError
+    from moe_dist.models.generation import GenerationError
     from moe_dist.parallel.startup import LaunchEnvError
     from moe_dist.training.checkpoint_choice import CheckpointError
 
-    return ConfigError, DataError, CheckpointError, LaunchEnvError
+    return ConfigError, DataError, CheckpointError, LaunchEnvError, ExportError, GenerationError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,8 @@ in one line, exit 2, with nothing written at ``OUT_DIR``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from moe_dist.export.hf_support import ARCHS, ExportError
-
-EXIT_BAD_INPUT = 2
 
 
 def add_export_hf_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,18 +35,14 @@ def add_export_hf_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def export_hf_main(args: argparse.Namespace) -> int:
+    """ExportError (bad input) reaches ``cli.main``: one line, exit 2."""
     try:
         from moe_dist.export.hf_export import export_hf
-
-        result = export_hf(args.checkpoint, args.output, args.arch, overwrite=args.overwrite)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except ModuleNotFoundError as exc:
         if exc.name != "safetensors":
             raise
-        print("error: export-hf needs safetensors: pip install 'moe_dist[hf]'", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise ExportError("export-hf needs safetensors: pip install 'moe_dist[hf]'") from None
+    result = export_hf(args.checkpoint, args.output, args.arch, overwrite=args.overwrite)
     print(
         f"wrote {result.out_dir} ({result.arch}, step {result.step} from {result.checkpoint}): "
         + ", ".join(result.files)

@@ -13,10 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from moe_dist.models.generation import GenerationError
-
-EXIT_BAD_INPUT = 2
-
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -72,18 +68,15 @@ def continue_prompt(
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    try:
-        text = continue_prompt(
-            args.checkpoint,
-            args.prompt,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            use_cache=not args.no_cache,
-        )
-    except GenerationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    # A GenerationError (bad request) reaches cli.main: one line, exit 2.
+    text = continue_prompt(
+        args.checkpoint,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    )
     sys.stdout.write(text + "\n")
     return 0

@@ -43,19 +43,23 @@ def plot_val_loss(logs: dict[str, RunLog], baseline: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
     ax_all.set_ylabel("validation loss (nats/token)")
     ax_all.set_title("Validation loss")
-    late = [
-        log.val_loss_M[log.eval_tokens_M >= log.eval_tokens_M[-1] / 2]
-        for log in logs.values()
-        if len(log.val_loss_M)
-    ]
-    if late:
-        x_max = max(float(log.eval_tokens_M[-1]) for log in logs.values() if len(log.eval_tokens_M)) / 1e6
+    curves = [(log.eval_tokens_M / 1e6, log.val_loss_M) for log in logs.values() if len(log.val_loss_M)]
+    return _zoom_and_save(fig, ax_end, curves, path, pad=0.05, legend_size=8)
+
+
+def _zoom_and_save(
+    fig: plt.Figure, ax_end: plt.Axes, curves: list[tuple[np.ndarray, np.ndarray]], path: Path, **kw: float
+) -> Path:
+    """Zoom ``ax_end`` on the second half of the (tokens in M, loss) ``curves``, then save the figure."""
+    if curves:
+        x_max = max(float(x[-1]) for x, _ in curves)
+        late = [v[x >= x_max / 2] for x, v in curves if (x >= x_max / 2).any()]
         lo, hi = min(float(v.min()) for v in late), max(float(v.max()) for v in late)
-        pad = 0.05 * max(hi - lo, 1e-3)
+        pad = kw.get("pad", 0.05) * max(hi - lo, 1e-3)
         ax_end.set_xlim(x_max / 2, x_max * 1.02)
         ax_end.set_ylim(lo - pad, hi + pad)
     ax_end.set_title("Second half (zoom)")
-    ax_end.legend(fontsize=8)
+    ax_end.legend(fontsize=kw.get("legend_size", 8))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -149,19 +153,7 @@ def plot_val_loss_seeds(logs_by_seed: dict[Any, dict[str, RunLog]], baseline: st
         ax.grid(alpha=0.3)
     ax_all.set_ylabel("validation loss (nats/token)")
     ax_all.set_title("Validation loss: mean over seeds, band = min..max")
-    if curves:
-        x_max = max(float(x[-1]) for x, _ in curves)
-        late = [v[x >= x_max / 2] for x, v in curves if (x >= x_max / 2).any()]
-        lo, hi = min(float(v.min()) for v in late), max(float(v.max()) for v in late)
-        pad = 0.1 * max(hi - lo, 1e-3)
-        ax_end.set_xlim(x_max / 2, x_max * 1.02)
-        ax_end.set_ylim(lo - pad, hi + pad)
-    ax_end.set_title("Second half (zoom)")
-    ax_end.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _zoom_and_save(fig, ax_end, curves, path, pad=0.1, legend_size=7)
 
 
 def plot_gini_layers(logs_by_seed: dict[Any, dict[str, RunLog]], path: Path) -> Path:
