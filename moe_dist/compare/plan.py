@@ -98,7 +98,7 @@ def make_plan(opts: CompareOptions, prepare: bool = True) -> tuple[Plan, dict[st
         parallel=opts.parallel or section.parallel or 1,
         last_n=opts.last_n or section.last_n or 100,
         pes_tokens=opts.pes_tokens or section.pes_tokens or 1024,
-        claims=[c for c in section.claims if c.arm in names and baseline in names],
+        claims=[c for c in section.claims if c.arm in names and (c.versus or baseline) in names],
     )
     if section.prepare is not None:
         data = base.setdefault("data", {})

@@ -14,6 +14,7 @@ The section (every key optional):
 - ``prepare``: data made once before the arms run (`compare.prepare`): ``{inputs, vocab_size,
   dir}``; the base config then reads ``dir/corpus`` with ``dir/tokenizer.json``.
 - ``claims``: the papers' claims this comparison tests, each ``{text, arm, metric, better}``
+  against the baseline, or against another arm (``versus``)
   (`compare.seeds` turns each into a line: difference, seed spread, verdict).
 """
 
@@ -53,6 +54,7 @@ class ClaimSpec(_Strict):
     arm: str
     metric: Literal[CLAIM_METRICS]  # type: ignore[valid-type]
     better: Literal["lower", "higher"]
+    versus: str | None = Field(None, description="the arm compared with (default: the baseline)")
 
 
 class CompareSection(_Strict):
@@ -99,8 +101,10 @@ def split_compare_file(path: str | None) -> tuple[dict[str, Any], CompareSection
     if section.baseline is not None and names and section.baseline not in names:
         problems.append(f"compare.baseline: {section.baseline!r} is not an arm ({', '.join(names)})")
     for i, claim in enumerate(section.claims):
-        if names and claim.arm not in names:
-            problems.append(f"compare.claims.{i}.arm: {claim.arm!r} is not an arm ({', '.join(names)})")
+        for key in ("arm", "versus"):
+            value = getattr(claim, key)
+            if names and value is not None and value not in names:
+                problems.append(f"compare.claims.{i}.{key}: {value!r} is not an arm ({', '.join(names)})")
     if problems:
         raise ConfigError(problems, path)
     return data, section

@@ -18,9 +18,10 @@
    compare's command continues it; ``--fresh`` clears every run first.
 4. Final model: as each run ends, ``final_model.analyze_final_model`` (drops at capacity factor
    1.0, PES on sampled validation tokens) on its final checkpoint.
-5. Report (``results_files.py``): ``OUT/results.md`` (tables), ``OUT/results.json`` (every number, per layer and per
-   seed too) and the PNGs, all computed from the metrics logs the runs wrote; with seeds,
-   ``seeds.py`` adds mean +- std over seeds, iso-loss per seed and a line per claim.
+5. Report (``results_files.py``): ``OUT/results.md`` (tables), ``OUT/results.json`` (every
+   number, per layer and per seed too) and the PNGs, all computed from the metrics logs the
+   runs wrote; with seeds, ``seeds.py`` adds mean +- std over seeds, iso-loss per seed and a
+   line per claim.
 """
 
 from __future__ import annotations
@@ -87,6 +88,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _final_model(run_dir: Path, pes_tokens: int, reuse: bool) -> dict[str, Any]:
+    """``final_model.analyze_final_model``, kept in ``run_dir/final_model.json``: a reused run with
+    the same PES sample size is not analysed again (a trained or resumed one always is)."""
+    cache = run_dir / "final_model.json"
+    if reuse:
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("pes_tokens_asked") == pes_tokens:
+                return cached["analysis"]
+        except (OSError, ValueError, KeyError):
+            pass
+    analysis = final_model.analyze_final_model(run_dir, pes_tokens=pes_tokens)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"pes_tokens_asked": pes_tokens, "analysis": analysis}))
+    os.replace(tmp, cache)
+    return analysis
+
+
 class _Progress:
     def __init__(self, quiet: bool) -> None:
         self.quiet, self.t0 = quiet, time.perf_counter()
@@ -116,8 +135,8 @@ def run_jobs(
             return
         progress.say(f"{job.key}: trained in {seconds:.0f}s; analysing the final model")
         try:
-            status[job.key]["final_model"] = final_model.analyze_final_model(
-                job.run_dir, pes_tokens=plan.pes_tokens
+            status[job.key]["final_model"] = _final_model(
+                job.run_dir, plan.pes_tokens, reuse=state == "finished"
             )
         except Exception as exc:  # noqa: BLE001 - the table says n/a and why; the others go on
             status[job.key]["final_model_error"] = f"{type(exc).__name__}: {exc}"

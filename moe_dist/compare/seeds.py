@@ -7,7 +7,8 @@ loss in the same seed, and each seed draws its own validation batches).
 Per arm (`aggregate`): mean and sample standard deviation (n - 1) over seeds of each metric, the
 values of every seed, and the paired difference to the baseline seed by seed (mean, std).
 
-Per claim (`judge_claims`): the paired differences d_s = arm_s - baseline_s of the claim's
+Per claim (`judge_claims`): the paired differences d_s = arm_s - baseline_s (or the claim's
+``versus`` arm) of the claim's
 metric, signed so that positive means "as the paper says" (``better: lower`` flips the sign).
 The seed-to-seed spread is the larger of the two arms' standard deviations over seeds. Verdict:
 
@@ -91,11 +92,12 @@ def judge_claims(
     out = []
     for claim in claims:
         sign = -1.0 if claim.better == "lower" else 1.0
+        versus = claim.versus or baseline
         arm_v = [_metric(by_seed[s].get(claim.arm), claim.metric) for s in per_seed]
-        base_v = [_metric(by_seed[s].get(baseline), claim.metric) for s in per_seed]
+        base_v = [_metric(by_seed[s].get(versus), claim.metric) for s in per_seed]
         entry: dict[str, Any] = {
             **claim.model_dump(),
-            "baseline": baseline,
+            "baseline": versus,
             "arm_values": arm_v,
             "baseline_values": base_v,
         }
@@ -104,7 +106,7 @@ def judge_claims(
             continue
         d = [sign * (a - b) for a, b in zip(arm_v, base_v)]
         finite = [x for x in d if math.isfinite(x)]
-        spread = max(agg[claim.arm][claim.metric]["std"] or 0.0, agg[baseline][claim.metric]["std"] or 0.0)
+        spread = max(agg[claim.arm][claim.metric]["std"] or 0.0, agg[versus][claim.metric]["std"] or 0.0)
         mean_d = float(np.mean(d)) if len(finite) == len(d) else (-math.inf if any(x < 0 for x in d) else 0.0)
         if all(x > 0 for x in d) and abs(mean_d) > spread:
             verdict = "holds"

@@ -373,8 +373,8 @@ def test_shipped_configs_are_valid_for_every_variant(config: str) -> None:
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "configs" / "compare").glob("*.yaml")))
 def test_shipped_presets_are_valid_for_every_arm_and_seed(preset: str) -> None:
-    from moe_dist.compare.presets import preset_path, split_compare_file
     from moe_dist.compare.plan import CompareOptions, build_configs
+    from moe_dist.compare.presets import preset_path, split_compare_file
 
     path = preset_path(preset, ROOT)
     _, section = split_compare_file(str(path))

@@ -46,6 +46,7 @@ def test_aggregate_and_claims_by_hand() -> None:
         ClaimSpec(text="loss", arm="new", metric="final_val_loss", better="lower"),
         ClaimSpec(text="faster", arm="new", metric="speedup", better="higher"),
         ClaimSpec(text="worse loss", arm="new", metric="final_val_loss", better="higher"),
+        ClaimSpec(text="arm vs arm", arm="base", versus="new", metric="ema_gini", better="higher"),
     ]
     out = {c["text"]: c for c in seeds.judge_claims(list(agg.values()), per_seed, claims, "base")}
     # Gini: d = [0.4, 0.5], mean 0.45 > spread max(std(.1,.2), std(.5,.7)) = 0.1414 -> holds
@@ -57,6 +58,8 @@ def test_aggregate_and_claims_by_hand() -> None:
     # speedup: seed 2 never reached the baseline's final loss -> -inf: the seeds disagree
     assert out["faster"]["differences"][1] == -math.inf and out["faster"]["verdict"] == "within spread"
     assert out["worse loss"]["verdict"] == "opposite"
+    # against another arm than the baseline: base - new = [0.4, 0.5], higher is better -> holds
+    assert out["arm vs arm"]["baseline"] == "new" and out["arm vs arm"]["verdict"] == "holds"
     lines = seeds.claim_lines(list(out.values()))
     assert "**holds**" in lines[0] and "never" in lines[2]
 
