@@ -93,6 +93,12 @@ class BalancingLoss:
     def __call__(self, routing: Routing, load: Load, router: Router) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    @property
+    def model_scope(self) -> bool:
+        """One loss over every layer's routing (``part`` per layer, ``combine`` once per forward,
+        the model calls it) instead of a loss per layer; only ``switch`` offers it."""
+        return False
+
     @classmethod
     def validate_config(cls, cfg: LossConfig, router_cls: type[Router], num_experts: int) -> list[str]:
         """Cross-field checks (e.g. SimBal needs a router with a weight matrix); messages or []."""

@@ -106,7 +106,7 @@ class Gate(nn.Module):
         self.router: Router = ROUTERS.get(rcfg.name)(rcfg, hidden_size, E)
         self.losses: list[BalancingLoss] = [LOSSES.get(c.name)(c, E, rcfg.top_k) for c in cfg.losses]
         self.loss_names = loss_names(self.losses)
-        scoped = [n for n, loss in zip(self.loss_names, self.losses) if getattr(loss, "model_scope", False)]
+        scoped = [n for n, loss in zip(self.loss_names, self.losses) if loss.model_scope]
         if scoped and not model_scope:
             raise ConfigError(
                 [
@@ -184,9 +184,10 @@ class Gate(nn.Module):
             load.global_num_tokens = int(total_E1[-1].item())
         aux, self.scope_parts, own = {}, {}, {}
         for name, loss in zip(self.loss_names, self.losses):
-            if getattr(loss, "model_scope", False):
+            if loss.model_scope:
                 self.scope_parts[name] = loss.part(routing, load)
-                own[name] = loss.cfg.coef * loss(routing, load, self.router).detach()
+                with torch.no_grad():
+                    own[name] = loss.cfg.coef * loss(routing, load, self.router)
             else:
                 aux[name] = loss.cfg.coef * loss(routing, load, self.router)
         for name, value in routing.losses.items():
