@@ -24,13 +24,18 @@ from pathlib import Path
 from moe_dist.commands.generate import continue_prompt
 from moe_dist.config import Config, check_world_size, load_config
 from moe_dist.data.batches import TokenBatches
+from moe_dist.shipped_files import resolve_user_path
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_CONFIG = "configs/demo.yaml"  # the working directory's, else the shipped one (shipped_files)
 
 
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="train the demo model with EP=2 on 2 local processes")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="config to run (default: configs/demo.yaml)")
+    p.add_argument(
+        "--config",
+        default=DEMO_CONFIG,
+        help="config to run (default: configs/demo.yaml here, else the copy shipped with moe_dist)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     p.add_argument("--no-telemetry", action="store_true", help="run without the Prometheus exporters")
@@ -68,6 +73,7 @@ def load_table(summary: dict) -> str:
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    args.config = str(resolve_user_path(args.config))  # the workers get the same file
     overrides = [f"parallel.ep_size={args.nproc}", "run.threads=1", *args.set]
     reason = "--no-telemetry" if args.no_telemetry else telemetry_available()
     overrides.append(f"telemetry.enabled={'false' if reason else 'true'}")

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moe_dist.compare.variants import Variant
 from moe_dist.config import ConfigError, read_yaml
+from moe_dist.shipped_files import shipped_root
 
 PRESET_DIR = Path("configs") / "compare"
 CLAIM_METRICS = ("final_val_loss", "ema_gini", "ema_min_max", "gini", "min_max_ratio", "pes_min", "speedup")
@@ -75,8 +76,8 @@ class CompareSection(_Strict):
 
 def preset_path(name: str, root: Path | None = None) -> Path:
     """``configs/compare/NAME.yaml`` under ``root`` (default: the working directory, then the
-    source tree this package lives in)."""
-    roots = [root] if root is not None else [Path.cwd(), Path(__file__).resolve().parents[2]]
+    presets shipped with the package, ``moe_dist.shipped_files``)."""
+    roots = [root] if root is not None else [Path.cwd(), shipped_root()]
     for r in roots:
         p = r / PRESET_DIR / f"{name}.yaml"
         if p.is_file():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import os
 import typing
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from moe_dist.config.errors import ConfigError, format_pydantic_errors
 from moe_dist.config.plugins import plugin_errors
 from moe_dist.config.schema import Config, cross_field_errors, validate_moe
+from moe_dist.shipped_files import resolve_user_path
 
 START_FROM = "configs/demo.yaml"
 
@@ -67,7 +67,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> list[str]:
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
+    """The mapping in ``path``; a relative ``configs/...`` path missing here is read from the copy
+    shipped with the package (``moe_dist.shipped_files.resolve_user_path``)."""
+    p = resolve_user_path(path)
     if not p.is_file():
         raise ConfigError([f"config file not found: {p}"])
     try:

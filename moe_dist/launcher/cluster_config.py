@@ -144,7 +144,9 @@ class SlurmConfig(Section):
     directives: list[str] = Field(
         default_factory=list, description="more #SBATCH options, e.g. --constraint=h100"
     )
-    template: str | None = Field(None, description="sbatch template; default: launch/sbatch.sh.tmpl")
+    template: str | None = Field(
+        None, description="sbatch template; default: the shipped launch/sbatch.sh.tmpl"
+    )
     wait: bool = Field(False, description="sbatch --wait: return when the job ends, with its exit code")
 
     @field_validator("partition", "account", "qos", "time", "mem", "output")

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from moe_dist.config import ConfigError, apply_overrides, format_pydantic_errors, read_yaml
 from moe_dist.launcher.cluster_checks import control_chars, cross_checks
 from moe_dist.launcher.cluster_config import ClusterConfig
+from moe_dist.shipped_files import resolve_user_path
 
 
 def cluster_from_dict(
@@ -48,6 +49,7 @@ def cluster_from_dict(
 
 def load_cluster_config(path: str | Path, overrides: list[str] | None = None) -> ClusterConfig:
     """Read a cluster YAML, apply ``--set`` overrides, validate; raises ``ConfigError``."""
+    path = resolve_user_path(path)  # configs/cluster/... from any folder: the shipped copy
     data = read_yaml(path)
     errors = apply_overrides(data, overrides or [])
     if errors:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 from moe_dist.launcher.cluster_config import ClusterConfig
 from moe_dist.launcher.plan import LaunchPlan, python_for
 from moe_dist.launcher.torchrun import agent_env, torchrun_argv, torchrun_options
+from moe_dist.shipped_files import shipped_path
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "sbatch.sh.tmpl"
+TEMPLATE = shipped_path("launch/sbatch.sh.tmpl")  # launch/sbatch.sh.tmpl, shipped as package data
 RDZV_ENDPOINT = "__RDZV_ENDPOINT__"  # stands for "$rdzv_endpoint" until the line is quoted
 RDZV_ID = "__RDZV_ID__"  # stands for "$SLURM_JOB_ID"
 
