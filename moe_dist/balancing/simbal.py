@@ -7,6 +7,16 @@ L_orth = || R R^T - I_E ||_1 on the router's raw weight R = ``router.weight_EH``
 
     loss = torch.norm(w @ w.T - torch.eye(E), p=1)   # the flattened 1-norm: sum of |entries|
 
+Penalty (option ``penalty``, issue 25):
+
+- ``l1`` (default): the paper's Eq. 4 above, ``sum |R R^T - I|``. Its subgradient
+  ``sign(R R^T - I)`` never vanishes: at orthonormality float noise decides the signs, so the
+  gradient norm stays ~coef * 2 * E per layer however close R is to orthonormal.
+- ``squared``: ``||R R^T - I||_F^2 = sum (R R^T - I)^2``, gradient ``4 (R R^T - I) R``, which
+  vanishes at orthonormality. The same target (orthonormal router rows) with a smooth penalty;
+  it is the deviation the paper reports (Table 3's ``(R^T R - I)^2``, there as a mean over the
+  entries, i.e. ``reduction: mean``), not the loss the paper trains with. Not the paper's.
+
 Normalisation: none. ``reduction: sum`` (default) is the entrywise L1 SUM over the E x E matrix,
 exactly the paper's; the rows are NOT normalised, so the loss pulls every router row to unit L2
 norm as well as to mutual orthogonality (that is what keeps the router a similarity-preserving
@@ -39,14 +49,17 @@ class SimBalLossConfig(LossConfig):
     name: Literal["simbal"] = "simbal"
     coef: float = Field(0.1, ge=0.0, description="multiplier of this term (paper: 0.1)")
     reduction: Literal["sum", "mean"] = Field("sum", description="sum of |R R^T - I| (paper) or its mean")
+    penalty: Literal["l1", "squared"] = Field(
+        "l1", description="entrywise |.| (paper's Eq. 4) or squared (smooth; Table 3's deviation)"
+    )
 
 
-def simbal_loss(weight_EH: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """``sum |R R^T - I|`` (or the mean over the E x E entries)."""
+def simbal_loss(weight_EH: torch.Tensor, reduction: str = "sum", penalty: str = "l1") -> torch.Tensor:
+    """``sum |R R^T - I|`` (``penalty: squared``: ``sum (R R^T - I)^2``), or the mean over the entries."""
     w_EH = weight_EH.to(torch.promote_types(weight_EH.dtype, torch.float32))
     E = w_EH.shape[0]
     dev_EE = w_EH @ w_EH.t() - torch.eye(E, dtype=w_EH.dtype, device=w_EH.device)
-    total = dev_EE.abs().sum()
+    total = dev_EE.square().sum() if penalty == "squared" else dev_EE.abs().sum()
     return total / (E * E) if reduction == "mean" else total
 
 
@@ -77,7 +90,7 @@ class SimBalLoss(BalancingLoss):
                 f"the loss cannot reach 0 (R R^T has rank <= {H})",
                 stacklevel=2,
             )
-        return simbal_loss(weight_EH, self.cfg.reduction)
+        return simbal_loss(weight_EH, self.cfg.reduction, self.cfg.penalty)
 
     @classmethod
     def validate_config(cls, cfg: LossConfig, router_cls: type[Router], num_experts: int) -> list[str]:
