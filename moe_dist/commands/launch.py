@@ -4,8 +4,11 @@
 2. Check the train config now, with the launch's world size, and the resume decision (a fresh
    start on a run that has checkpoints is refused), so a bad start fails here with one message,
    not after a SLURM queue wait, on 64 nodes at once or under torchrun's worker tracebacks.
+   With ``max_restarts > 0`` a ``train`` command gets ``--resume`` (said once): a restarted
+   worker group continues from its newest checkpoint (``plan.resume_on_restart``).
 3. Build the backend's plan: argument list, added environment, files (hostfile, sbatch script).
-4. ``--dry-run`` prints the plan; otherwise check this node (launcher on PATH, GPUs when
+4. ``--dry-run`` prints the plan (SLURM: also writes the sbatch script, to submit by hand);
+   otherwise check this node (launcher on PATH, GPUs when
    ``devices: gpu``), write the files and run the argument list, forwarding SIGINT/SIGTERM,
    and exit with its status. Bad input exits 2 with one message per problem, no traceback.
 """
@@ -25,7 +28,7 @@ from moe_dist.config import ConfigError, check_world_size, load_config
 from moe_dist.launcher import deepspeed_runner, local, mpirun, slurm, torchrun
 from moe_dist.launcher.cluster_config import ClusterConfig
 from moe_dist.launcher.cluster_loading import load_cluster_config
-from moe_dist.launcher.plan import LaunchPlan, train_args_for
+from moe_dist.launcher.plan import LaunchPlan, resume_on_restart, train_args_for
 from moe_dist.training.checkpoint_choice import refuse_existing_checkpoints
 
 BUILDERS: dict[str, Callable[[ClusterConfig, list[str]], LaunchPlan]] = {
@@ -79,12 +82,16 @@ def check_this_node(cluster: ClusterConfig, plan: LaunchPlan) -> list[str]:
     return errors
 
 
-def run_plan(plan: LaunchPlan) -> int:
+def write_files(plan: LaunchPlan) -> None:
     for path, text in plan.files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         if text.startswith("#!"):
             path.chmod(0o755)
+
+
+def run_plan(plan: LaunchPlan) -> int:
+    write_files(plan)
     proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env})
 
     def forward(signum: int, _frame: object) -> None:
@@ -164,13 +171,20 @@ def main(argv: list[str]) -> int:
     overrides = list(args.set) + ([f"node_rank={args.node_rank}"] if args.node_rank is not None else [])
     try:
         cluster = load_cluster_config(args.cluster, overrides)
-        precheck_train(cluster, train_args)
+        precheck_train(cluster, train_args)  # the user's own arguments: a fresh start is refused
+        train_args, note = resume_on_restart(cluster, train_args)
+        if note:
+            print(f"moe-dist launch: {note}", file=sys.stderr)
         plan = build_plan(cluster, train_args, args.cluster)
     except (ConfigError, OSError, ValueError) as exc:  # bad YAML, unreadable template, ...
         print(f"moe-dist launch: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         sys.stdout.write(plan.render())
+        if cluster.backend == "slurm":  # the script is the product: write it to inspect and submit
+            write_files(plan)
+            for path in plan.files:
+                print(f"# wrote {path}; submit it with: sbatch {path}")
         return 0
     errors = check_this_node(cluster, plan)
     if errors:

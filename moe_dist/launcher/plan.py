@@ -83,6 +83,27 @@ def train_args_for(cluster: ClusterConfig, train_args: list[str]) -> list[str]:
     return [*train_args, *extra]
 
 
+def resume_on_restart(cluster: ClusterConfig, train_args: list[str]) -> tuple[list[str], str | None]:
+    """``train ...`` plus ``--resume`` when the launcher restarts workers (``max_restarts > 0``),
+    and the note that says so (None when nothing was added).
+
+    A restarted worker group runs the same command again; without ``--resume`` it would refuse
+    the checkpoints its first attempt wrote. ``--resume`` alone means "this run's newest
+    checkpoint, or a fresh start when there is none", so the first attempt starts fresh. The
+    launch still refuses a first start on a run that already has checkpoints when the user did
+    not write ``--resume`` (``commands/launch.py`` checks the user's own arguments).
+    """
+    if not cluster.max_restarts or not train_args or train_args[0] != "train":
+        return train_args, None
+    if any(a == "--resume" or a.startswith("--resume=") for a in train_args):
+        return train_args, None
+    note = (
+        f"max_restarts is {cluster.max_restarts}: added --resume to the train command, so that a "
+        "restarted worker group continues from its newest checkpoint"
+    )
+    return [*train_args, "--resume"], note
+
+
 def rdzv_conf(cluster: ClusterConfig) -> str:
     r = cluster.rendezvous
     return f"join_timeout={r.join_timeout_s},last_call_timeout={r.last_call_timeout_s}"
