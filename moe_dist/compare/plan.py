@@ -4,9 +4,10 @@
 1. ``make_plan``: the comparison file (a training config, optionally with a ``compare:``
    section: ``presets.py``), ``--set`` overrides and ``--steps``; ``compare.prepare``'s data made
    (``prepare.py``) or only named.
-2. ``build_jobs``: each arm's router and losses (``variants.apply_variant``) and, with seeds,
-   ``run.seed``; every config validated before anything runs. Seed-major, so a partial
-   comparison holds whole seeds.
+2. ``build_jobs``: each arm's router and losses (``variants.apply_variant``), its own ``set``
+   overrides and, with seeds, ``run.seed`` (an arm with its own ``seeds`` runs only those);
+   every config validated before anything runs. Seed-major, so a partial comparison holds
+   whole seeds.
 """
 
 from __future__ import annotations
@@ -118,7 +119,13 @@ def build_jobs(opts: CompareOptions, plan: Plan, base: dict[str, Any]) -> list[J
     all_errors: list[str] = []
     for seed in plan.seeds or [None]:  # seed-major: a partial comparison holds whole seeds
         for name, variant in plan.variants.items():
+            if seed is not None and variant.seeds is not None and seed not in variant.seeds:
+                continue
             data = apply_variant(base, variant)
+            set_errors = apply_overrides(data, variant.overrides)
+            if set_errors:
+                all_errors += [f"arm {name}: compare.arms.{name}.set: {e}" for e in set_errors]
+                continue
             if seed is None:
                 data["run"]["name"] = name
             else:

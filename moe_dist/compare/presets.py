@@ -6,8 +6,12 @@ section and uses the built-in variants (``variants.py``).
 
 The section (every key optional):
 
-- ``arms``: name -> ``{description, router, losses}``: what replaces ``model.moe.router`` and
-  ``model.moe.losses`` in that arm (``top_k`` from the base router when the arm's router has none).
+- ``arms``: name -> ``{description, router, losses, set, seeds}``: what replaces
+  ``model.moe.router`` and ``model.moe.losses`` in that arm (``top_k`` from the base router when
+  the arm's router has none); ``set``: further ``KEY=VALUE`` overrides of this arm only, applied
+  after the command line's ``--set`` and ``--steps`` (e.g. ``schedule.steps=1600`` for a longer
+  arm, ``optim.grad_clip=0``); ``seeds``: the seeds this arm runs with, a subset of ``seeds``
+  (default: all). A claim is judged on the seeds both of its arms run.
 - ``baseline``: the arm the iso-loss column and the claims compare against.
 - ``seeds``: the seeds every arm runs with (``--seeds`` overrides).
 - ``parallel``, ``last_n``, ``pes_tokens``: defaults of the flags of the same names.
@@ -41,6 +45,8 @@ class ArmSpec(_Strict):
     description: str = ""
     router: dict[str, Any]
     losses: list[dict[str, Any]] = Field(default_factory=list)
+    set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides of this arm only")
+    seeds: list[int] | None = Field(None, min_length=1, description="this arm's seeds (default: all)")
 
 
 class PrepareSpec(_Strict):
@@ -70,7 +76,8 @@ class CompareSection(_Strict):
 
     def variants(self) -> dict[str, Variant]:
         return {
-            name: Variant(name, arm.description, arm.router, arm.losses) for name, arm in self.arms.items()
+            name: Variant(name, arm.description, arm.router, arm.losses, arm.set, arm.seeds)
+            for name, arm in self.arms.items()
         }
 
 
@@ -106,6 +113,13 @@ def split_compare_file(path: str | None) -> tuple[dict[str, Any], CompareSection
             value = getattr(claim, key)
             if names and value is not None and value not in names:
                 problems.append(f"compare.claims.{i}.{key}: {value!r} is not an arm ({', '.join(names)})")
+    for name, arm in section.arms.items():
+        extra = sorted(set(arm.seeds or []) - set(section.seeds))
+        if extra and section.seeds:
+            problems.append(
+                f"compare.arms.{name}.seeds: {', '.join(map(str, extra))} not in compare.seeds "
+                f"{section.seeds}"
+            )
     if problems:
         raise ConfigError(problems, path)
     return data, section

@@ -55,7 +55,12 @@ def write_report(
         results["seeds"] = plan.seeds
         results["rows_per_seed"] = {str(s): rows for s, rows in per_seed.items()}
         results["seed_rows"] = seeds.aggregate(per_seed, list(plan.variants), plan.baseline)
-        results["claims"] = seeds.judge_claims(results["seed_rows"], per_seed, plan.claims, plan.baseline)
+        planned: dict[str, list[Any]] = {}
+        for j in jobs:
+            planned.setdefault(j.arm, []).append(j.seed)
+        results["claims"] = seeds.judge_claims(
+            results["seed_rows"], per_seed, plan.claims, plan.baseline, planned
+        )
     (opts.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     pngs = plots.plot_all(logs_by_seed, plan.baseline, opts.out) if any(logs_by_seed.values()) else []
     (opts.out / "results.md").write_text(results_markdown(results, per_seed, pngs, plan))

@@ -18,7 +18,9 @@ The seed-to-seed spread is the larger of the two arms' standard deviations over 
   the seeds disagree).
 
 For ``speedup`` a seed in which the arm never reaches the baseline's final loss counts as -inf
-(not faster); a run missing a metric (n/a) makes the claim ``not measured``.
+(not faster); a run missing a metric (n/a) makes the claim ``not measured``. An arm that runs
+only some seeds (``compare.arms.NAME.seeds``) is judged on the seeds both arms of the claim run
+(``planned``); a planned run that failed still makes the claim ``not measured``.
 """
 
 from __future__ import annotations
@@ -85,23 +87,31 @@ def judge_claims(
     per_seed: dict[Any, list[dict[str, Any]]],
     claims: list[ClaimSpec],
     baseline: str,
+    planned: dict[str, list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """A verdict per claim (module docstring), with the numbers it rests on."""
+    """A verdict per claim (module docstring), with the numbers it rests on; ``planned``: the
+    seeds each arm was to run (default: every seed for every arm)."""
     by_seed = {s: {r["variant"]: r for r in rows} for s, rows in per_seed.items()}
     agg = {r["arm"]: r for r in seed_rows}
     out = []
     for claim in claims:
         sign = -1.0 if claim.better == "lower" else 1.0
         versus = claim.versus or baseline
-        arm_v = [_metric(by_seed[s].get(claim.arm), claim.metric) for s in per_seed]
-        base_v = [_metric(by_seed[s].get(versus), claim.metric) for s in per_seed]
+        both = [
+            s
+            for s in per_seed
+            if planned is None or (s in planned.get(claim.arm, []) and s in planned.get(versus, []))
+        ]
+        arm_v = [_metric(by_seed[s].get(claim.arm), claim.metric) for s in both]
+        base_v = [_metric(by_seed[s].get(versus), claim.metric) for s in both]
         entry: dict[str, Any] = {
             **claim.model_dump(),
             "baseline": versus,
+            "seeds": both,
             "arm_values": arm_v,
             "baseline_values": base_v,
         }
-        if any(v is None for v in arm_v + base_v):
+        if not both or any(v is None for v in arm_v + base_v):
             out.append(entry | {"verdict": "not measured"})
             continue
         d = [sign * (a - b) for a, b in zip(arm_v, base_v)]
@@ -154,7 +164,10 @@ def markdown_table(seed_rows: list[dict[str, Any]], baseline: str) -> str:
             r["arm"],
             f"{_pm(r['final_val_loss'], '.4f')} ({_each(r['final_val_loss'], '.4f')})",
             f"{_pm(r['delta_val_loss'], '+.4f')} ({_each(r['delta_val_loss'], '+.4f')})",
-            " / ".join(_tokens(v) for v in r["tokens_to_baseline"]["values"]),
+            " / ".join(
+                "n/a" if loss is None else _tokens(v)  # n/a: no run in that seed; never: not reached
+                for v, loss in zip(r["tokens_to_baseline"]["values"], r["final_val_loss"]["values"])
+            ),
             _pm(r["ema_gini"], ".3f"),
             _pm(r["ema_min_max"], ".3f"),
             _pm(r["gini"], ".3f"),
@@ -164,6 +177,11 @@ def markdown_table(seed_rows: list[dict[str, Any]], baseline: str) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_list(claim: dict[str, Any]) -> str:
+    seeds = claim.get("seeds")
+    return f" ({', '.join(map(str, seeds))})" if seeds else ""
 
 
 def claim_lines(claims: list[dict[str, Any]]) -> list[str]:
@@ -176,7 +194,8 @@ def claim_lines(claims: list[dict[str, Any]]) -> list[str]:
             continue
         d = ", ".join("never" if not math.isfinite(x) else f"{x:+.4g}" for x in c["differences"])
         lines.append(
-            head + f"difference in the paper's direction per seed {d}; mean {c['mean_difference']:+.4g}, "
+            head + f"difference in the paper's direction per seed{_seed_list(c)} {d}; "
+            f"mean {c['mean_difference']:+.4g}, "
             f"seed-to-seed spread {c['spread']:.4g}: **{c['verdict']}**."
         )
     return lines

@@ -17,10 +17,16 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Variant:
+    """``overrides`` (``KEY=VALUE`` as ``--set``) and ``seeds`` come from a preset's arm
+    (``presets.ArmSpec``): what else the arm changes (e.g. ``schedule.steps``) and the seeds it
+    runs with (None: every seed of the comparison)."""
+
     name: str
     description: str
     router: dict[str, Any]
     losses: list[dict[str, Any]] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    seeds: list[int] | None = None
 
 
 VARIANTS: dict[str, Variant] = {

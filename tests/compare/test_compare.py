@@ -379,12 +379,21 @@ def test_shipped_presets_are_valid_for_every_arm_and_seed(preset: str) -> None:
     path = preset_path(preset, ROOT)
     _, section = split_compare_file(str(path))
     configs = build_configs(CompareOptions(config=str(path), variants=None, out=Path("/nonexistent/o")))
-    assert set(configs) == {f"{a}_seed{s}" for a in section.arms for s in section.seeds}
-    assert section.baseline in section.arms and len(section.seeds) >= 3 and section.claims
+    arms = section.arms
+    assert set(configs) == {f"{a}_seed{s}" for a in arms for s in (arms[a].seeds or section.seeds)}
+    assert section.baseline in arms and len(section.seeds) >= 3 and section.claims
     for key, cfg in configs.items():
+        arm = arms[key.rsplit("_seed", 1)[0]]
         assert cfg["run"]["seed"] == int(key.rsplit("seed", 1)[1])
         assert cfg["run"]["out_dir"].startswith("/nonexistent/o/runs/")
         assert cfg["data"]["tokenizer"]["kind"] == "hf"
+        assert cfg["model"]["moe"]["router"]["name"] == arm.router["name"]
+        for item in arm.set:  # each arm's own overrides reach its config
+            k, v = item.split("=", 1)
+            node = cfg
+            for part in k.split("."):
+                node = node[part]
+            assert node == yaml.safe_load(v), (key, item)
 
 
 @pytest.mark.slow

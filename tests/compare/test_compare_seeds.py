@@ -76,6 +76,47 @@ def test_compare_section_errors_name_the_key(tmp_path: Path) -> None:
         split_compare_file(str(bad))
 
 
+def test_arm_seeds_and_overrides_and_claims_on_shared_seeds(tmp_path: Path) -> None:
+    from moe_dist.compare.plan import CompareOptions, build_configs
+
+    preset = tiny_preset(tmp_path)
+    data = yaml.safe_load(preset.read_text())
+    data["compare"]["arms"]["long"] = {
+        "router": {"name": "topk_softmax"},
+        "set": ["schedule.steps=64", "optim.grad_clip=0"],
+        "seeds": [6],
+    }
+    preset.write_text(yaml.safe_dump(data))
+    configs = build_configs(CompareOptions(config=str(preset), variants=None, out=tmp_path / "o"))
+    assert set(configs) == {"switch_seed5", "none_seed5", "switch_seed6", "none_seed6", "long_seed6"}
+    long, none = configs["long_seed6"], configs["none_seed6"]
+    assert long["schedule"]["steps"] == 64 and long["optim"]["grad_clip"] == 0
+    assert none["schedule"]["steps"] == 16 and none["optim"]["grad_clip"] == 1
+    # An arm seed outside compare.seeds, and a bad override, are one message each naming the key.
+    data["compare"]["arms"]["long"]["seeds"] = [7]
+    preset.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"compare.arms.long.seeds: 7 not in compare.seeds"):
+        split_compare_file(str(preset))
+    data["compare"]["arms"]["long"] |= {"seeds": [6], "set": ["schedule"]}
+    preset.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"arm long: compare.arms.long.set: --set 'schedule': expected"):
+        build_configs(CompareOptions(config=str(preset), variants=None, out=tmp_path / "o"))
+    # Claims use the seeds both arms run: "long" ran seed 6 only, so seed 5 is not "not measured".
+    rows = {
+        5: [{"variant": "base", "final_val_loss": 2.0}],
+        6: [{"variant": "base", "final_val_loss": 2.0}, {"variant": "long", "final_val_loss": 1.5}],
+    }
+    rows = {s: [r | {m: r.get(m) for m in seeds.METRICS} for r in rs] for s, rs in rows.items()}
+    agg = seeds.aggregate(rows, ["base", "long"], "base")
+    claim = ClaimSpec(text="t", arm="long", metric="final_val_loss", better="lower")
+    judged = seeds.judge_claims(agg, rows, [claim], "base", {"base": [5, 6], "long": [6]})[0]
+    assert judged["seeds"] == [6] and judged["differences"] == [0.5] and judged["verdict"] == "holds"
+    assert seeds.judge_claims(agg, rows, [claim], "base")[0]["verdict"] == "not measured"
+    assert "per seed (6) +0.5" in seeds.claim_lines([judged])[0]
+    # The table prints n/a for a seed the arm did not run, "never" only for a run that never got there.
+    assert "| long | 1.5000 ± 0.0000 (n/a / 1.5000) | " in seeds.markdown_table(agg, "base")
+
+
 # ---------------------------------------------------------------- the real command
 
 
