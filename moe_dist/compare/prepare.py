@@ -7,16 +7,24 @@
 3. ``DIR/prepared.json`` records the inputs (files and sizes) and the vocabulary; when it
    matches, nothing is redone. Every file is written atomically, the stamp last.
 4. The base config then reads ``data.paths: [DIR/corpus]`` with that tokenizer.
+5. On a machine without the inputs (a GPU machine with no package index, the data carried
+   there already prepared): a stamp with the same ``vocab_size`` and ``inputs`` and both data
+   files present is used as it is, with a note that the input files could not be re-checked.
+
+``python -m moe_dist.compare.prepare CONFIG...`` prepares the data of comparison files without
+training anything (``tools/gpu_compare.sh --prepare`` does that before a GPU run).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from moe_dist.compare.presets import PrepareSpec
+from moe_dist.compare.presets import PrepareSpec, split_compare_file
+from moe_dist.config import ConfigError
 from moe_dist.data.corpus import expand_paths
 from moe_dist.data.documents import iter_documents, write_documents
 from moe_dist.data.errors import DataError
@@ -37,10 +45,32 @@ def prepared_data_config(spec: PrepareSpec) -> dict[str, Any]:
     return {"paths": [str(out / "corpus")], "tokenizer": {"kind": "hf", "path": str(out / "tokenizer.json")}}
 
 
+def _carried(spec: PrepareSpec) -> dict[str, Any] | None:
+    """The stamp of data prepared elsewhere for the same spec, when its files are all here."""
+    out = Path(spec.dir)
+    try:
+        saved = json.loads((out / "prepared.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files_here = all((out / f).is_file() for f in ("tokenizer.json", "corpus.bin", "corpus.idx"))
+    same = saved.get("vocab_size") == spec.vocab_size and saved.get("inputs") == spec.inputs
+    return saved if same and files_here else None
+
+
 def prepare_data(spec: PrepareSpec, say: Any = print) -> dict[str, Any]:
     """Make (or reuse) the tokenizer and corpus; returns the ``data`` overrides for the base."""
     out = Path(spec.dir)
-    files = _inputs(spec)
+    try:
+        files = _inputs(spec)
+    except DataError:
+        carried = _carried(spec)
+        if carried is None:
+            raise
+        say(
+            f"using the data prepared in {out} ({carried.get('tokens', 0):,} tokens); its inputs "
+            "are not on this machine, so they were not re-checked"
+        )
+        return prepared_data_config(spec)
     stamp = {
         "vocab_size": spec.vocab_size,
         "inputs": spec.inputs,
@@ -64,3 +94,28 @@ def prepare_data(spec: PrepareSpec, say: Any = print) -> dict[str, Any]:
     say(f"prepared {report.documents:,} documents, {report.tokens:,} tokens")
     os.replace(tmp, stamp_path)
     return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepare the ``compare.prepare`` data of each comparison file named; exit 2 on bad input."""
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m moe_dist.compare.prepare CONFIG...", file=sys.stderr)
+        return 2
+    for path in paths:
+        try:
+            spec = split_compare_file(path)[1].prepare
+            if spec is None:
+                print(f"{path}: no compare.prepare section, nothing to prepare")
+                continue
+            prepare_data(spec, say=lambda m, p=path: print(f"{p}: {m}"))
+            print(f"{path}: data ready in {spec.dir}")
+        except (ConfigError, DataError) as exc:
+            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+            print(f"error: {path}: " + "; ".join(errors), file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
