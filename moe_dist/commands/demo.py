@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from moe_dist.commands.generate import continue_prompt
-from moe_dist.config import Config, check_world_size, load_config
+from moe_dist.config import Config, load_config
 from moe_dist.data.batches import TokenBatches
 from moe_dist.shipped_files import resolve_user_path
 
@@ -77,8 +77,7 @@ def demo_main(args: argparse.Namespace) -> int:
     overrides = [f"parallel.ep_size={args.nproc}", "run.threads=1", *args.set]
     reason = "--no-telemetry" if args.no_telemetry else telemetry_available()
     overrides.append(f"telemetry.enabled={'false' if reason else 'true'}")
-    cfg: Config = load_config(args.config, overrides)
-    check_world_size(cfg, args.nproc)
+    cfg: Config = load_config(args.config, overrides, world_size=args.nproc)
     TokenBatches.for_run(cfg)  # data errors now
 
     print(

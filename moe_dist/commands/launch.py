@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from moe_dist.config import ConfigError, check_world_size, load_config
+from moe_dist.config import ConfigError, load_config
 from moe_dist.launcher import deepspeed_runner, local, mpirun, slurm, torchrun
 from moe_dist.launcher.cluster_config import ClusterConfig
 from moe_dist.launcher.cluster_loading import load_cluster_config
@@ -56,8 +56,7 @@ def precheck_train(cluster: ClusterConfig, train_args: list[str]) -> None:
     args = train_args_for(cluster, train_args)
     overrides = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
     overrides += [a[len("--set=") :] for a in args if a.startswith("--set=")]
-    cfg = load_config(train_args[1], overrides)
-    check_world_size(cfg, cluster.world_size)
+    cfg = load_config(train_args[1], overrides, world_size=cluster.world_size)
     resumes = any(a == "--resume" or a.startswith("--resume=") for a in args)
     if not resumes and cluster.container is None:  # in a container, the run dir is the container's path
         refuse_existing_checkpoints(cfg.run_dir / "checkpoints")

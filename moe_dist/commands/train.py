@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from moe_dist.config import load_config
+from moe_dist.config.advice import config_warnings
+from moe_dist.parallel.startup import launch_info
 from moe_dist.training.engines import engine_for
 from moe_dist.training.run import train
 
 
 def train_main(args: Any) -> int:
     """``moe-dist train CONFIG [--set k=v ...] [--resume [PATH]]``."""
-    cfg = load_config(args.config, args.set)
+    # the launch's world size: its errors come with the config's, all at once
+    launch = launch_info()
+    cfg = load_config(args.config, args.set, world_size=launch.world_size)
+    if launch.rank == 0:
+        for line in config_warnings(cfg):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     train(cfg, engine_for(cfg), resume=args.resume)
     return 0
 

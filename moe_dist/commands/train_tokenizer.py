@@ -38,6 +38,15 @@ def train_tokenizer_main(args: argparse.Namespace) -> int:
     if not texts:
         raise DataError(f"train-tokenizer: the inputs {args.inputs} hold no text")
     tok = train_bpe(texts, args.vocab_size, Path(args.output))
-    print(f"wrote {args.output}: byte-level BPE, vocabulary {tok.vocab_size}, EOS id {tok.eos_id}")
-    print(f"use it with: --set data.tokenizer.kind=hf --set data.tokenizer.path={args.output}")
+    size = tok.vocab_size
+    smaller = (
+        f" (asked for {args.vocab_size:,}; BPE stopped when no pair of tokens in the text was left to merge)"
+        if size < args.vocab_size
+        else ""
+    )
+    print(f"wrote {args.output}: byte-level BPE, vocabulary {size:,}{smaller}, EOS id {tok.eos_id}")
+    print(
+        f"use it with: --set data.tokenizer.kind=hf --set data.tokenizer.path={args.output} "
+        f"--set model.vocab_size={size}"
+    )
     return 0

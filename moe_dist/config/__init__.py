@@ -28,6 +28,7 @@ from moe_dist.config.schema import (
     cross_field_errors,
     deepspeed_engine_errors,
     validate_moe,
+    world_size_errors,
 )
 
 __all__ = [
@@ -59,4 +60,5 @@ __all__ = [
     "load_config",
     "read_yaml",
     "validate_moe",
+    "world_size_errors",
 ]

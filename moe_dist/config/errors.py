@@ -10,6 +10,7 @@ into it, pydantic's errors turned into dotted paths and a field error raised by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -39,13 +40,17 @@ def field_error(loc: tuple[str | int, ...], kind: str, message: str, value: Any)
     return ValidationError.from_exception_data("config", [detail])
 
 
-def format_pydantic_errors(exc: ValidationError, prefix: str) -> list[str]:
+def format_pydantic_errors(
+    exc: ValidationError, prefix: str, unknown_key_hint: Callable[[tuple[Any, ...]], str] | None = None
+) -> list[str]:
+    """``path: message`` lines; ``unknown_key_hint(loc)`` may add to an unknown key's message
+    (``suggest.did_you_mean``: the close known key)."""
     out = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + (unknown_key_hint(tuple(err["loc"])) if unknown_key_hint else "")
         elif err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "name":
             continue  # a subclass pins its own name; the registry lookup already chose the class
         if "input" in err and err["type"] not in _NO_INPUT:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import typing
+from functools import partial
 from typing import Any
 
 import yaml
@@ -24,7 +26,8 @@ from pydantic import BaseModel, ValidationError
 
 from moe_dist.config.errors import ConfigError, format_pydantic_errors
 from moe_dist.config.plugins import plugin_errors
-from moe_dist.config.schema import Config, cross_field_errors, validate_moe
+from moe_dist.config.schema import Config, cross_field_errors, validate_moe, world_size_errors
+from moe_dist.config.suggest import did_you_mean
 from moe_dist.shipped_files import resolve_user_path
 
 START_FROM = "configs/demo.yaml"
@@ -111,7 +114,7 @@ def _without(data: dict[str, Any], locs: list[tuple[Any, ...]]) -> tuple[dict[st
     return data, kept
 
 
-def _second_pass_errors(data: dict[str, Any], exc: ValidationError) -> list[str]:
+def _second_pass_errors(data: dict[str, Any], exc: ValidationError, world_size: int | None) -> list[str]:
     """Whole-config errors of a config whose schema validation failed (see step 4 above)."""
     locs = [tuple(e["loc"]) for e in exc.errors()]
     for _ in range(4):  # each round may drop one level more; sections nest less deep than that
@@ -135,7 +138,11 @@ def _second_pass_errors(data: dict[str, Any], exc: ValidationError) -> list[str]
     else:
         losses = list(zip(kept_losses, moe.losses, strict=True))
         errors = plugin_errors(moe.router, losses, cfg.model.dim, moe.num_experts, "model.moe")
-    return errors + [m for m in cross_field_errors(cfg) if not any(d in m for d in dropped)]
+    whole = cross_field_errors(cfg) + (world_size_errors(cfg, world_size) if world_size else [])
+    # leave out a message that reads a dropped value: its path or one below (schedule.step is not
+    # schedule.steps)
+    reads = re.compile("|".join(rf"(?<![\w.]){re.escape(d)}(?!\w)" for d in dropped) or "(?!)")
+    return errors + [m for m in whole if not reads.search(m)]
 
 
 # ---------------------------------------------------------------- order of the errors
@@ -169,20 +176,29 @@ def _schema_order(line: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------- entry points
 
 
-def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
+def config_from_dict(
+    data: dict[str, Any], source: str | None = None, world_size: int | None = None
+) -> Config:
+    """The validated config, or a ConfigError with every error; ``world_size`` (the launch's
+    process count) adds the checks that need it (``world_size_errors``) to the same list."""
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        errors = format_pydantic_errors(exc, "") + _second_pass_errors(data, exc)
+        hint = partial(did_you_mean, Config, data)
+        errors = format_pydantic_errors(exc, "", hint) + _second_pass_errors(data, exc, world_size)
         raise ConfigError(sorted(errors, key=_schema_order), source) from None
     errors = validate_moe(cfg.model.moe, cfg.model.dim) + cross_field_errors(cfg)
+    errors += world_size_errors(cfg, world_size) if world_size else []
     if errors:
         raise ConfigError(sorted(errors, key=_schema_order), source)
     return cfg
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
-    """The config in ``path`` with ``overrides``; ``None``: the defaults (tests, tools)."""
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None = None, world_size: int | None = None
+) -> Config:
+    """The config in ``path`` with ``overrides``; ``None``: the defaults (tests, tools). With
+    ``world_size``, the errors of that launch shape come in the same list."""
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else None
     if path is not None and not data:
@@ -197,7 +213,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     errors = apply_overrides(data, overrides or [])
     if errors:
         raise ConfigError(errors, source)
-    return config_from_dict(data, source)
+    return config_from_dict(data, source, world_size)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -35,7 +35,20 @@ def _plugin_class(registry: Registry, name: Any) -> type:
     try:
         return registry.get(name)
     except (UnknownPluginError, ImportError) as exc:
-        raise field_error(("name",), "plugin_name", str(exc), name) from None
+        raise field_error(("name",), "plugin_name", str(exc) + _other_kind(registry, name), name) from None
+
+
+def _other_kind(registry: Registry, name: str) -> str:
+    """A router named where a loss goes, or the other way round (``router.name: simbal``)."""
+    if registry is ROUTERS and name in LOSSES:
+        return (
+            f"; {name!r} is a balancing loss: list it under model.moe.losses, e.g. "
+            f"losses: [{{name: {name}, coef: 0.1}}]"
+            + (" with router {name: topk_softmax, init: orthogonal}" if name == "simbal" else "")
+        )
+    if registry is LOSSES and name in ROUTERS:
+        return f"; {name!r} is a router: set model.moe.router.name={name}"
+    return ""
 
 
 def _resolve(registry: Registry, section: Any, default_name: str | None, hint: str) -> BaseModel:

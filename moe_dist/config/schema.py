@@ -381,20 +381,26 @@ def deepspeed_engine_errors(cfg: Config) -> list[str]:
     return errors
 
 
-def check_world_size(cfg: Config, world_size: int) -> None:
-    """Errors that need the launch shape (known only at run time)."""
+def world_size_errors(cfg: Config, world_size: int) -> list[str]:
+    """Errors that need the launch shape (known only at run time); ``path: message`` lines that
+    ``load_config(..., world_size=N)`` reports with the config's own errors."""
+    errors = []
     if world_size % cfg.parallel.ep_size:
-        raise ConfigError(
-            [
-                f"parallel.ep_size: must divide the world size ({world_size}), got {cfg.parallel.ep_size} "
-                f"(start a multiple of {cfg.parallel.ep_size} processes, e.g. torchrun --nproc-per-node "
-                f"{cfg.parallel.ep_size}, or set parallel.ep_size)"
-            ]
+        errors.append(
+            f"parallel.ep_size: must divide the world size ({world_size}), got {cfg.parallel.ep_size} "
+            f"(start a multiple of {cfg.parallel.ep_size} processes, e.g. torchrun --nproc-per-node "
+            f"{cfg.parallel.ep_size}, or set parallel.ep_size)"
         )
     if cfg.parallel.data_parallel == "fsdp" and world_size == 1:
-        raise ConfigError(
-            [
-                "parallel.data_parallel: fsdp shards over the data-parallel ranks, and a single process has"
-                " none to shard over (start 2 or more processes, or use replicate)"
-            ]
+        errors.append(
+            "parallel.data_parallel: fsdp shards over the data-parallel ranks, and a single process has"
+            " none to shard over (start 2 or more processes, or use replicate)"
         )
+    return errors
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """``world_size_errors`` as a ConfigError (for configs built in code)."""
+    errors = world_size_errors(cfg, world_size)
+    if errors:
+        raise ConfigError(errors)

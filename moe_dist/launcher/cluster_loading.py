@@ -12,12 +12,14 @@ All errors go into one ``ConfigError``; ``moe-dist launch`` prints them and exit
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from moe_dist.config import ConfigError, apply_overrides, format_pydantic_errors, read_yaml
+from moe_dist.config.suggest import did_you_mean
 from moe_dist.launcher.cluster_checks import control_chars, cross_checks
 from moe_dist.launcher.cluster_config import ClusterConfig
 from moe_dist.shipped_files import resolve_user_path
@@ -32,7 +34,7 @@ def cluster_from_dict(
     try:
         cfg = ClusterConfig.model_validate(data)
     except ValidationError as exc:
-        errors += format_pydantic_errors(exc, "")
+        errors += format_pydantic_errors(exc, "", partial(did_you_mean, ClusterConfig, data))
         hostfile = data.get("hostfile")
         if (
             isinstance(hostfile, str)

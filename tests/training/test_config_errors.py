@@ -90,7 +90,7 @@ def test_plugin_field_errors_carry_the_full_path() -> None:
     assert err.value.errors == [
         "model.moe.router.top_k: Input should be a valid integer, unable to parse string as an integer, "
         "got 'two'",
-        "model.moe.router.renormalise: unknown key",
+        "model.moe.router.renormalise: unknown key (did you mean model.moe.router.renormalize?)",
         "model.moe.losses.0.coef: Input should be greater than or equal to 0, got -1",
         f"model.moe.losses.1.name: required (one of {', '.join(LOSSES.names())})",
         "model.moe.losses.2: each loss must be a mapping with a name and a coef, e.g. {name: switch, "
