@@ -25,6 +25,7 @@ from moe_dist.config.errors import ConfigError, field_error
 from moe_dist.config.plugins import PluginLossConfig, PluginRouterConfig, default_router, plugin_errors
 from moe_dist.ops.compiled import FusedKernels
 from moe_dist.ops.cpu_matmul import CpuMatmul
+from moe_dist.ops.grouped_expert_mlp import ExpertsBackend
 
 EpTransport = Literal["auto", "collective", "shm"]
 
@@ -39,6 +40,11 @@ class ExpertsConfig(Section):
     init_std: float = Field(0.02, gt=0)
     cpu_matmul: CpuMatmul = Field(
         "onednn", description="fp32 expert GEMMs on CPU: oneDNN (torch.mm where unusable) or torch.mm"
+    )
+    backend: ExpertsBackend = Field(
+        "auto",
+        description="grouped_mm (one grouped GEMM per projection), loop (a GEMM per expert), or auto "
+        "(grouped_mm on CUDA, loop on CPU, where it is faster)",
     )
 
 

@@ -62,7 +62,7 @@ def lpr_moe_tensors(moe_layer: torch.nn.Module, prefix: str, copy) -> dict[str, 
         out[f"{prefix}gate.{name}.weight"] = copy(module.weight)
         out[f"{prefix}gate.{name}.bias"] = copy(module.bias)
     ex = moe_layer.experts
-    out[f"{prefix}experts.gate_up_proj"] = copy(torch.cat([ex.w1_eHF, ex.w3_eHF], dim=2).transpose(1, 2))
+    out[f"{prefix}experts.gate_up_proj"] = copy(ex.w13_eHG.transpose(1, 2))  # [w1 | w3], as HF fuses them
     out[f"{prefix}experts.down_proj"] = copy(ex.w2_eFH.transpose(1, 2))
     return out
 

@@ -51,6 +51,7 @@ from torch import nn
 from moe_dist.config import ExpertsConfig, MoEConfig
 from moe_dist.layers.experts import SharedExperts
 from moe_dist.layers.gate import Gate
+from moe_dist.ops.compute_dtype import cast_weight, compute_dtype
 from moe_dist.ops.slot_sort import sort_slots
 from moe_dist.routing.base import Routing
 
@@ -240,7 +241,9 @@ def dense_routes(
 
 
 class ExpertMLP(nn.Module):
-    """One expert, the same function as one slice of ``GroupedExperts``: ``act(x W1) (* x W3) W2``.
+    """One expert, the same function as one slice of ``GroupedExperts``: ``act(x W1) (* x W3) W2``,
+    with the same fused layout: ``w13_HG`` = [w1 | w3] (SwiGLU, G = 2F; w1 alone for GELU), so
+    gate and up are one GEMM. Init draws w1, w3, w2 in that order (the earlier split layout's).
 
     Works on any leading shape (DeepSpeed's ``Experts`` feeds ``[ep, 1, C, H]`` chunks).
     """
@@ -253,12 +256,10 @@ class ExpertMLP(nn.Module):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
-        self.w1_HF = nn.Parameter(torch.empty(hidden, ffn_hidden).normal_(0.0, init_std))
-        self.w3_HF = (
-            nn.Parameter(torch.empty(hidden, ffn_hidden).normal_(0.0, init_std))
-            if activation == "swiglu"
-            else None
-        )
+        self.swiglu = activation == "swiglu"
+        n_in = 2 if self.swiglu else 1
+        halves = [torch.empty(hidden, ffn_hidden).normal_(0.0, init_std) for _ in range(n_in)]
+        self.w13_HG = nn.Parameter(torch.cat(halves, dim=-1))
         self.w2_FH = nn.Parameter(torch.empty(ffn_hidden, hidden).normal_(0.0, init_std / math.sqrt(2.0)))
 
     @classmethod
@@ -266,9 +267,14 @@ class ExpertMLP(nn.Module):
         return cls(hidden, cfg.ffn_hidden_size, cfg.activation, cfg.init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.w1_HF.to(x.dtype)
-        h = F.silu(h) * (x @ self.w3_HF.to(x.dtype)) if self.w3_HF is not None else F.gelu(h)
-        return h @ self.w2_FH.to(x.dtype)
+        dt = compute_dtype(x)
+        h = x.to(dt) @ cast_weight(self.w13_HG, dt)
+        if self.swiglu:
+            h1, h3 = h.chunk(2, dim=-1)
+            h = F.silu(h1) * h3
+        else:
+            h = F.gelu(h)
+        return h @ cast_weight(self.w2_FH, dt)
 
 
 class MoeDistDeepSpeedMoE(MoE):
@@ -397,9 +403,7 @@ def copy_from_native(moe: MoeDistDeepSpeedMoE, layer: nn.Module) -> None:
             f"copy_from_native: {len(ds_experts)} local DeepSpeed experts, native has {ex.num_local_experts}"
         )
     for i, mlp in enumerate(ds_experts):
-        mlp.w1_HF.copy_(ex.w1_eHF[i])
+        mlp.w13_HG.copy_(ex.w13_eHG[i])
         mlp.w2_FH.copy_(ex.w2_eFH[i])
-        if ex.w3_eHF is not None:
-            mlp.w3_HF.copy_(ex.w3_eHF[i])
     if moe.shared_experts is not None and layer.shared_experts is not None:
         moe.shared_experts.load_state_dict(layer.shared_experts.state_dict())

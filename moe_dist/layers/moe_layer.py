@@ -14,6 +14,7 @@ from torch import nn
 from moe_dist.config import MoEConfig
 from moe_dist.layers.experts import GroupedExperts, SharedExperts
 from moe_dist.layers.gate import Gate
+from moe_dist.ops.compute_dtype import compute_dtype
 from moe_dist.parallel.dispatcher import AllToAllDispatcher
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.profile_ranges import named_range
@@ -28,12 +29,15 @@ class MoELayer(nn.Module):
        probs_TE; ``aux`` maps each loss's registry name, and each router-owned term, to its
        coefficient-weighted scalar; global counts over the whole DP x EP group when a loss
        ``needs_global_counts``). Computed in train and eval mode alike.
-    2. Experts' input is ``x_TH + routing.expert_input_delta_TH`` when the router sets a delta.
+    2. Experts' input is ``x_TH + routing.expert_input_delta_TH`` when the router sets a delta,
+       in the compute dtype (``ops/compute_dtype.py``: bf16 under bf16 autocast, so the rows
+       cross the EP group in bf16 and the experts' GEMMs run in bf16).
     3. Dispatch: sort slots by expert, all-to-all to the EP rank hosting each expert.
     4. Experts: one grouped GEMM chain over this rank's e local experts; each row's activation
        is scaled by its routing weight before the down projection.
     5. Combine: all-to-all back, sum of each token's K (already weighted) expert outputs.
-    6. Shared experts (if any) see every token; their output is added.
+    6. Shared experts (if any) see every token; their output is added. The sum returns in the
+       input's dtype (the residual stream's).
     7. Statistics (the gate's, training mode only, so eval leaves balancing state alone): the
        gate counted the token-slots per expert and kept the last aux values in 1; the layer
        reports the rows received per local expert and the dropped slots.
@@ -70,6 +74,7 @@ class MoELayer(nn.Module):
             first_expert=self.groups.ep_rank * self.num_local_experts,
             cpu_matmul=ex.cpu_matmul,
             fused_kernels=cfg.fused_kernels,
+            backend=ex.backend,
         )
         self.shared_experts: SharedExperts | None = None
         if cfg.shared_experts.count > 0:
@@ -94,8 +99,9 @@ class MoELayer(nn.Module):
         # 1. route, losses
         with named_range("router"):
             routing, aux = self.gate(x_TH, B, S)
-        # 2. experts' input
+        # 2. experts' input, in the compute dtype
         xe_TH = x_TH if routing.expert_input_delta_TH is None else x_TH + routing.expert_input_delta_TH
+        xe_TH = xe_TH.to(compute_dtype(xe_TH))
         # 3-5. dispatch, experts, combine
         t0 = self._clock()
         with named_range("dispatch"):
@@ -112,7 +118,7 @@ class MoELayer(nn.Module):
             y_TH = y_TH + self.shared_experts(xe_TH)
         # 7. statistics
         self.gate.record_received(tokens_per_expert_e, ctx.dropped, (t1 - t0) + (t3 - t2), t2 - t1)
-        return y_TH.view(x.shape), aux
+        return y_TH.view(x.shape).to(x.dtype), aux
 
     def _clock(self) -> float:
         if not self.gate.timing:

@@ -11,6 +11,11 @@ and bought nothing measurable (``docs/performance.md``).
 never. A kernel compiles at its first call (``dynamic=True``: one compile for every row count);
 if compiling or running it fails, one warning names why and the eager version runs for the rest
 of the process (``compile_failures()`` lists those; the benchmark records them).
+
+No recompiles in steady state: a compiled function guards on the global grad mode, the
+autocast state and each input's ``requires_grad``. The kernels run inside autograd functions,
+so ``run_compiled`` always calls them the same way: under ``no_grad``, with autocast off (the
+inputs are already in the compute dtype) and with detached inputs.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ def run_compiled(name: str, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
     if compiled is None:
         compiled = _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
     try:
-        with torch.no_grad():  # kernels run inside autograd functions; one grad mode, one compile
-            return compiled(*args)
+        with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
+            return compiled(*(a.detach() for a in args))
     except Exception as exc:  # noqa: BLE001 - any compiler failure: warn once, run eager
         _failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.warning("compiling %s failed (%s); using the eager kernels", name, _failed[name])

@@ -1,9 +1,10 @@
 """The routed experts' MLP over grouped GEMMs, with ``expert_mlp``'s hand-written backward.
 
-Shape legend: X rows (expert-major), H hidden size, F ffn hidden size, e local experts.
+Shape legend: X rows (expert-major), H hidden size, F ffn hidden size, G = 2F (SwiGLU, gate | up)
+or F (GELU), e local experts.
 
-Same maths and same saved tensors as ``expert_mlp`` (x, h1, h3 and the routing weights: the
-GEMMs' own inputs, nothing derived from them), but every GEMM is one
+Same maths and same saved tensors as ``expert_mlp`` (x, the fused pre-activation h = [h1 | h3]
+and the routing weights: the GEMMs' own inputs, nothing derived from them), but every GEMM is one
 ``torch.nn.functional.grouped_mm`` over all experts, and the group sizes stay on the device as
 offsets (no host synchronisation). The backward's grouped GEMMs use the operand layouts autograd
 itself uses for ``grouped_mm`` (a transposed weight view for the input gradient, transposed
@@ -16,14 +17,17 @@ grouped_mm's kernels have layout and alignment rules that differ by GPU generati
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from moe_dist.ops.compiled import FusedKernels, use_compiled
-from moe_dist.ops.expert_mlp import check_expert_inputs, expert_mlp
+from moe_dist.ops.expert_mlp import check_expert_inputs, expert_mlp, is_swiglu
 from moe_dist.ops.fused_activation import activation_backward, scaled_activation
+
+# Which expert path a layer takes: this file's, ``expert_mlp``'s loop, or by device.
+ExpertsBackend = Literal["auto", "grouped_mm", "loop"]
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs_e: torch.Tensor) -> torch.Tensor:
@@ -36,8 +40,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         x_XH: torch.Tensor,
-        w1_eHF: torch.Tensor,
-        w3_eHF: torch.Tensor | None,
+        w13_eHG: torch.Tensor,
         w2_eFH: torch.Tensor,
         scale_X: torch.Tensor | None,
         tokens_per_expert_e: torch.Tensor,
@@ -47,39 +50,33 @@ class _GroupedExpertMLP(torch.autograd.Function):
         offs_e = torch.cumsum(tokens_per_expert_e, 0).to(
             device=x_XH.device, dtype=torch.int32, non_blocking=True
         )
-        h1_XF = _grouped_mm(x_XH, w1_eHF, offs_e)
-        h3_XF = _grouped_mm(x_XH, w3_eHF, offs_e) if w3_eHF is not None else None
-        a_XF = scaled_activation(h1_XF, h3_XF, scale_X, compiled)
+        swiglu = is_swiglu(w13_eHG, w2_eFH)
+        h_XG = _grouped_mm(x_XH, w13_eHG, offs_e)  # [h1 | h3] in one GEMM
+        a_XF = scaled_activation(h_XG, scale_X, swiglu, compiled)
         y_XH = _grouped_mm(a_XF, w2_eFH, offs_e)
-        ctx.save_for_backward(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, offs_e, h1_XF, h3_XF)
-        ctx.compiled = compiled
+        ctx.save_for_backward(x_XH, w13_eHG, w2_eFH, scale_X, offs_e, h_XG)
+        ctx.compiled, ctx.swiglu = compiled, swiglu
         return y_XH
 
     @staticmethod
     def backward(ctx: Any, dy_XH: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, offs_e, h1_XF, h3_XF = ctx.saved_tensors
+        x_XH, w13_eHG, w2_eFH, scale_X, offs_e, h_XG = ctx.saved_tensors
         dy_XH = dy_XH.contiguous()
         du_XF = _grouped_mm(dy_XH, w2_eFH.transpose(-2, -1), offs_e)
-        a_XF, dh1_XF, dh3_XF, ds_X = activation_backward(du_XF, h1_XF, h3_XF, scale_X, ctx.compiled)
+        a_XF, dh_XG, ds_X = activation_backward(du_XF, h_XG, scale_X, ctx.swiglu, ctx.compiled)
         dw2_eFH = _grouped_mm(a_XF.t(), dy_XH, offs_e)
         del a_XF
-        xt_HX = x_XH.t()
-        dw1_eHF = _grouped_mm(xt_HX, dh1_XF, offs_e)
-        dw3_eHF = _grouped_mm(xt_HX, dh3_XF, offs_e) if dh3_XF is not None else None
-        dx_XH = None
-        if ctx.needs_input_grad[0]:
-            dx_XH = _grouped_mm(dh1_XF, w1_eHF.transpose(-2, -1), offs_e)
-            if dh3_XF is not None:
-                dx_XH.add_(_grouped_mm(dh3_XF, w3_eHF.transpose(-2, -1), offs_e))
+        dw13_eHG = _grouped_mm(x_XH.t(), dh_XG, offs_e)
+        # one GEMM for the input gradient: the fused weight takes [dh1 | dh3] at once, no add
+        dx_XH = _grouped_mm(dh_XG, w13_eHG.transpose(-2, -1), offs_e) if ctx.needs_input_grad[0] else None
         if ds_X is not None and scale_X is not None:
             ds_X = ds_X.to(scale_X.dtype)
-        return dx_XH, dw1_eHF, dw3_eHF, dw2_eFH, ds_X, None, None
+        return dx_XH, dw13_eHG, dw2_eFH, ds_X, None, None
 
 
 def grouped_expert_mlp(
     x_XH: torch.Tensor,
-    w1_eHF: torch.Tensor,
-    w3_eHF: torch.Tensor | None,
+    w13_eHG: torch.Tensor,
     w2_eFH: torch.Tensor,
     tokens_per_expert_e: torch.Tensor,
     scale_X: torch.Tensor | None = None,
@@ -87,9 +84,9 @@ def grouped_expert_mlp(
 ) -> torch.Tensor:
     """``expert_mlp`` with grouped GEMMs; ``tokens_per_expert_e`` may live on the device (it is
     not read on the host, so rows and counts are not checked against each other here)."""
-    check_expert_inputs("grouped_expert_mlp", x_XH, w1_eHF, scale_X, None)
+    check_expert_inputs("grouped_expert_mlp", x_XH, w13_eHG, w2_eFH, scale_X, None)
     compiled = use_compiled(x_XH, fused_kernels)
-    return _GroupedExpertMLP.apply(x_XH, w1_eHF, w3_eHF, w2_eFH, scale_X, tokens_per_expert_e, compiled)
+    return _GroupedExpertMLP.apply(x_XH, w13_eHG, w2_eFH, scale_X, tokens_per_expert_e, compiled)
 
 
 _WORKS: dict[tuple[str, torch.dtype], bool] = {}
@@ -122,18 +119,17 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     e, X = len(PROBE_COUNTS), sum(PROBE_COUNTS)
     leaves = [
         torch.randn(X, PROBE_H, generator=g),
-        torch.randn(e, PROBE_H, PROBE_F, generator=g) * 0.25,
-        torch.randn(e, PROBE_H, PROBE_F, generator=g) * 0.25,
+        torch.randn(e, PROBE_H, 2 * PROBE_F, generator=g) * 0.25,
         torch.randn(e, PROBE_F, PROBE_H, generator=g) * 0.25,
         torch.rand(X, generator=g),
     ]
     dy = torch.randn(X, PROBE_H, generator=g)
     want = [t.clone().requires_grad_() for t in leaves]
-    y_want = expert_mlp(*want[:4], list(PROBE_COUNTS), "torch", scale_X=want[4], fused_kernels="eager")
+    y_want = expert_mlp(*want[:3], list(PROBE_COUNTS), "torch", scale_X=want[3], fused_kernels="eager")
     y_want.backward(dy)
     got = [t.to(device=device, dtype=dtype).requires_grad_() for t in leaves]
     counts_e = torch.tensor(PROBE_COUNTS, device=device)
-    y_got = grouped_expert_mlp(*got[:4], counts_e, scale_X=got[4], fused_kernels="eager")
+    y_got = grouped_expert_mlp(*got[:3], counts_e, scale_X=got[3], fused_kernels="eager")
     y_got.backward(dy.to(device=device, dtype=dtype))
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     pairs = [(y_got, y_want)] + [(a.grad, b.grad) for a, b in zip(got, want)]

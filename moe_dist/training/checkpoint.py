@@ -25,8 +25,8 @@ Saving (every rank calls ``save``):
 Loading: rank 0 checks the candidates newest first (``latest``, then older ``step_*``) against
 their recorded sizes and hashes; a corrupt one is reported in one line and the next older is
 used. Every rank then reads it with ``torch.load(weights_only=True)`` and keeps its slice of the
-experts: an EP=2 checkpoint resumes at EP=1 or EP=4. Parameter names of older format versions
-are mapped to today's (``upgraded_name``), so their runs continue.
+experts: an EP=2 checkpoint resumes at EP=1 or EP=4. Parameters of older format versions are
+mapped to today's names and layout (``checkpoint_upgrade.py``), so their runs continue.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from moe_dist.training.checkpoint_choice import (
     read_meta,
     sha256,
 )
+from moe_dist.training.checkpoint_upgrade import upgraded_model_state, upgraded_optim_state
 from moe_dist.training.grad_sync import is_expert_param
 
 
@@ -277,7 +278,7 @@ def load(
     meta = read_meta(path, "native")
     experts = _expert_names(model)
     saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    saved = {upgraded_name(k, meta): v for k, v in saved.items()}
+    saved = upgraded_model_state(saved, meta)
     current = model.state_dict()
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
@@ -308,13 +309,6 @@ def load(
     )
 
 
-def upgraded_name(name: str, meta: dict[str, Any]) -> str:
-    """A parameter's name today for its ``name`` in a checkpoint of ``meta["version"]``."""
-    if meta.get("version", 1) < 2:
-        return name.replace(".ffn.router.", ".ffn.gate.router.")
-    return name
-
-
 def _local_optim_state(
     path: Path,
     meta: dict[str, Any],
@@ -324,9 +318,7 @@ def _local_optim_state(
     experts: set[str],
 ) -> dict:
     saved = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
-    saved["state"] = {upgraded_name(k, meta): v for k, v in saved["state"].items()}
-    for group in saved["param_groups"]:
-        group["param_names"] = [upgraded_name(n, meta) for n in group.get("param_names", [])]
+    saved = upgraded_optim_state(saved, meta)
     params = dict(model.named_parameters())
     state, out_groups, index = {}, [], 0
     for gi, group in enumerate(optimizer.param_groups):

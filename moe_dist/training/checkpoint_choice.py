@@ -21,7 +21,8 @@ from moe_dist.parallel.groups import ParallelGroups
 
 FORMAT = "moe_dist.checkpoint"  # the format's name in meta.json (not a module path)
 # 2: a MoE layer's router sits in its gate (``ffn.gate.router.*``); version 1 named it ``ffn.router.*``
-VERSION = 2
+# 3: SwiGLU experts' gate and up projections fused (``w13``); up to 2 apart (checkpoint_upgrade.py)
+VERSION = 3
 LATEST = "latest"
 
 

@@ -47,14 +47,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.parallel.mesh import ParallelMeshes
-from moe_dist.training.checkpoint import (
-    Loaded,
-    begin_save,
-    finish_save,
-    restore_rng,
-    upgraded_name,
-)
+from moe_dist.training.checkpoint import Loaded, begin_save, finish_save, restore_rng
 from moe_dist.training.checkpoint_choice import CheckpointError
+from moe_dist.training.checkpoint_upgrade import split_names, upgraded_model_state, upgraded_optim_state
 from moe_dist.training.grad_sync import is_expert_param
 
 LAYOUT = "dcp"
@@ -188,6 +183,7 @@ def _check_shapes(
     path: Path, entries: list[_Entry], saved: dict[str, torch.Size], ep_size: int
 ) -> list[_Entry]:
     """The entries to load; CheckpointError for the first parameter whose shape differs or is missing."""
+    entries = _split_where_saved_split(entries, saved)
     wanted = []
     for e in entries:
         if e.key not in saved:
@@ -206,6 +202,27 @@ def _check_shapes(
     if unexpected:
         raise CheckpointError(f"{path}: model does not match the checkpoint (unexpected {unexpected[:5]})")
     return wanted
+
+
+def _split_where_saved_split(entries: list[_Entry], saved: dict[str, torch.Size]) -> list[_Entry]:
+    """A fused ``w13`` the checkpoint holds as its two halves (format version <= 2,
+    ``checkpoint_upgrade.py``) becomes two entries over views of its halves: DCP reads each half
+    straight into its place."""
+    out = []
+    for e in entries:
+        prefix, _, suffix = e.key.partition(e.name)
+        halves = split_names(e.name) if e.key not in saved else None
+        if halves is None or f"{prefix}{halves[0]}{suffix}" not in saved:
+            out.append(e)
+            continue
+        gate_key, up_key = (f"{prefix}{h}{suffix}" for h in halves)
+        if up_key not in saved or e.tensor.dim() == 0:  # GELU's lone gate half; a step count
+            out.append(_Entry(gate_key, e.name, e.tensor, e.expert, e.buffer))
+            continue
+        F_ = e.tensor.shape[-1] // 2
+        out.append(_Entry(gate_key, e.name, e.tensor[..., :F_], e.expert, e.buffer))
+        out.append(_Entry(up_key, e.name, e.tensor[..., F_:], e.expert, e.buffer))
+    return out
 
 
 def load(
@@ -242,13 +259,11 @@ def load_torch_format(
 ) -> Loaded:
     """Today's format (rank 0's model.pt / optim.pt, experts in the global layout) into a sharded model."""
     init_optimizer_state(optimizer)
-    weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
-    full = {f"model.{upgraded_name(k, meta)}": v for k, v in weights.items()}
+    weights = upgraded_model_state(torch.load(path / "model.pt", map_location="cpu", weights_only=True), meta)
+    optim = upgraded_optim_state(torch.load(path / "optim.pt", map_location="cpu", weights_only=True), meta)
+    full = {f"model.{k}": v for k, v in weights.items()}
     for name, st in optim["state"].items():
-        full |= {
-            f"optim.{upgraded_name(name, meta)}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)
-        }
+        full |= {f"optim.{name}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)}
     entries = _check_shapes(
         path, _entries(model, optimizer), {k: v.shape for k, v in full.items()}, groups.ep_size
     )

@@ -42,10 +42,16 @@ def _reference(
     return y if scale is None else y * scale.unsqueeze(1)
 
 
+def _fused(w1: torch.Tensor, w3: torch.Tensor | None) -> torch.Tensor:
+    """The fused input projection [w1 | w3] (w1 alone for GELU), differentiable."""
+    return torch.cat([w1, w3], dim=-1) if w3 is not None else w1
+
+
 def _split(ts: tuple[torch.Tensor, ...], swiglu: bool) -> tuple:
-    """(x, w1, w3 or None, w2) from the differentiable inputs (no w3 for GELU)."""
+    """(x, w13, w2) from the differentiable inputs (x, w1, [w3,] w2): the gradients of w1 and w3
+    come through the concatenation, so gradcheck checks them against the split maths."""
     x_, w1_, *rest = ts
-    return (x_, w1_, rest[0], rest[1]) if swiglu else (x_, w1_, None, rest[0])
+    return (x_, _fused(w1_, rest[0]), rest[1]) if swiglu else (x_, w1_, rest[0])
 
 
 @pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu", "gelu"])
@@ -58,16 +64,17 @@ def test_gradcheck_float64(swiglu: bool) -> None:
     assert torch.autograd.gradcheck(
         lambda *ts: expert_mlp(*_split(ts[:-1], swiglu), COUNTS, "torch", ts[-1]), [*inputs, scale]
     )
-    expert_mlp(x, w1, w3, w2, COUNTS).sum().backward()
+    expert_mlp(x, _fused(w1, w3), w2, COUNTS).sum().backward()
     assert torch.equal(w1.grad[1], torch.zeros(H, FF))  # no rows: an exact zero gradient, not None
 
 
 def _run(path: str, leaves: list[torch.Tensor]) -> torch.Tensor:
     """The experts on ``leaves`` = (x, w1, w3, w2, scale) through one of the three paths."""
     x, w1, w3, w2, scale = leaves
+    w13 = _fused(w1, w3)
     if path == "grouped_mm":
-        return gem.grouped_expert_mlp(x, w1, w3, w2, torch.tensor(COUNTS), scale)
-    return expert_mlp(x, w1, w3, w2, COUNTS, path, scale)  # type: ignore[arg-type]
+        return gem.grouped_expert_mlp(x, w13, w2, torch.tensor(COUNTS), scale)
+    return expert_mlp(x, w13, w2, COUNTS, path, scale)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("path", ["onednn", "torch", "grouped_mm"])
@@ -127,14 +134,21 @@ def test_onednn_matmul_reads_transposed_operands() -> None:
 
 @pytest.mark.parametrize("path", ["torch", "grouped_mm"])
 def test_saves_only_inputs_and_pre_activations(path: str) -> None:
-    """Kept for the backward: x, the weights, the routing weights, h1 and h3 (not act(h1), not
-    act(h1) * h3, not the output)."""
+    """Kept for the backward: x, the weights, the routing weights and the fused pre-activation
+    [h1 | h3] (not act(h1), not act(h1) * h3, not the output)."""
     X = sum(COUNTS)
-    leaves = [t.requires_grad_() for t in (torch.randn(X, H), *_weights(torch.float32, True), torch.rand(X))]  # type: ignore[union-attr]
+    w1, w3, w2 = _weights(torch.float32, True)
+    w13 = _fused(w1, w3).requires_grad_()  # type: ignore[arg-type]
+    leaves = [torch.randn(X, H, requires_grad=True), w13, w2.requires_grad_(), torch.rand(X, requires_grad=True)]  # type: ignore[union-attr]
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _run(path, leaves)
-    activations = sum(t.numel() for t in saved if t.shape[-1] == FF and t.dim() == 2)
-    assert activations == 2 * X * FF  # h1 and h3 of every row, nothing more
+        x, w13_, w2_, scale = leaves
+        if path == "grouped_mm":
+            gem.grouped_expert_mlp(x, w13_, w2_, torch.tensor(COUNTS), scale)
+        else:
+            expert_mlp(x, w13_, w2_, COUNTS, path, scale)  # type: ignore[arg-type]
+    activations = sum(t.numel() for t in saved if t.shape[-1] == 2 * FF and t.dim() == 2)
+    assert activations == 2 * X * FF  # [h1 | h3] of every row, nothing more
+    assert not [t for t in saved if t.dim() == 2 and t.shape[-1] == FF]
     assert sum(t.numel() for t in saved if t.dim() == 2 and t.shape[-1] == H) == X * H
     assert sum(t.numel() for t in saved if t.dim() == 1 and t.dtype == torch.float32) == X  # scale

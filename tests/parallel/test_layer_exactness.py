@@ -76,8 +76,7 @@ def run_layer(layer: MoELayer, case: dict, rank: int) -> dict:
             layer.experts.w3_eHF.copy_(case["w3"][sl])
         layer.experts.w2_eFH.copy_(case["w2"][sl])
         if layer.shared_experts is not None:
-            layer.shared_experts.w1_HF.copy_(case["s1"])
-            layer.shared_experts.w3_HF.copy_(case["s3"])
+            layer.shared_experts.w13_HG.copy_(torch.cat([case["s1"], case["s3"]], dim=-1))
             layer.shared_experts.w2_FH.copy_(case["s2"])
     x = case["x"][rank].clone().requires_grad_()
     y, aux = layer(x)
@@ -94,7 +93,7 @@ def _body(rank: int, world: int, ep_size: int) -> dict:
         # what the trainer does: dense grads over the world, expert grads over expert-DP
         grads = {"router": layer.gate.router.weight.grad}
         if layer.shared_experts is not None:
-            grads.update(s1=layer.shared_experts.w1_HF.grad, s2=layer.shared_experts.w2_FH.grad)
+            grads.update(s13=layer.shared_experts.w13_HG.grad, s2=layer.shared_experts.w2_FH.grad)
         for v in grads.values():
             dist.all_reduce(v, group=groups.world_group)
         for name, p in layer.experts.named_parameters():
@@ -143,9 +142,10 @@ def reference(scenario: dict, case: dict, world: int) -> dict:
         ys.append(y.detach())
         xgrads.append(x.grad)
         auxes.append(aux.detach())
-    grads = {"router": W.grad, "w1_eHF": w1.grad, "w2_eFH": w2.grad, "s1": s1.grad, "s2": s2.grad}
-    if scenario["activation"] == "swiglu":
-        grads["w3_eHF"] = w3.grad
+    # the fused layouts' gradients: [w1 | w3] of the routed experts, [s1 | s3] of the shared ones
+    w13_grad = torch.cat([w1.grad, w3.grad], dim=-1) if scenario["activation"] == "swiglu" else w1.grad
+    s13_grad = torch.cat([s1.grad, s3.grad], dim=-1) if scenario["shared"] else None
+    grads = {"router": W.grad, "w13_eHG": w13_grad, "w2_eFH": w2.grad, "s13": s13_grad, "s2": s2.grad}
     return {"y": ys, "x_grad": xgrads, "aux": auxes, "grads": grads, "counts": counts}
 
 
@@ -165,11 +165,11 @@ def check(results: list[dict], world: int) -> None:
             lo = res["first_expert"]
             for name, g in res["grads"].items():
                 want = ref["grads"][name]
-                if name.endswith(("_eHF", "_eFH")):
+                if name.endswith(("_eHG", "_eFH")):
                     want = want[lo : lo + g.shape[0]]
                 torch.testing.assert_close(g.double(), want, **tol, msg=f"{name} grad, {where}")
         if scenario["skew"]:
-            assert ref["counts"][2:].sum() == 0 and ref["grads"]["w1_eHF"][2:].abs().sum() == 0
+            assert ref["counts"][2:].sum() == 0 and ref["grads"]["w13_eHG"][2:].abs().sum() == 0
 
 
 @pytest.mark.parametrize("grouped_mm", [False, True], ids=["per_expert_loop", "grouped_mm"])
@@ -179,7 +179,7 @@ def test_ep1_matches_dense_reference(grouped_mm: bool) -> None:
     results = []
     for scenario in SCENARIOS:
         layer = build_layer(scenario, ParallelGroups.single())
-        layer.experts.force_grouped_mm = grouped_mm
+        layer.experts.backend = "grouped_mm" if grouped_mm else "loop"
         assert layer.experts.use_grouped_mm(torch.zeros(1, H)) == grouped_mm  # CPU supports it
         res = run_layer(layer, make_case(scenario, 1), 0)
         res["grads"] = {"router": layer.gate.router.weight.grad, **dict(layer.experts.named_parameters())}
@@ -187,7 +187,7 @@ def test_ep1_matches_dense_reference(grouped_mm: bool) -> None:
             k: (v.grad if isinstance(v, torch.nn.Parameter) else v) for k, v in res["grads"].items()
         }
         if layer.shared_experts is not None:
-            res["grads"].update(s1=layer.shared_experts.w1_HF.grad, s2=layer.shared_experts.w2_FH.grad)
+            res["grads"].update(s13=layer.shared_experts.w13_HG.grad, s2=layer.shared_experts.w2_FH.grad)
         res["first_expert"] = 0
         results.append((scenario["name"], res))
     check([dict(results)], 1)
@@ -209,7 +209,7 @@ def test_ep1_dispatch_without_host_counts_is_the_same(monkeypatch: pytest.Monkey
     for every_slot_used in (True, False):
         torch.manual_seed(0)
         layer = build_layer(scenario, ParallelGroups.single())
-        layer.experts.force_grouped_mm = True  # the GPU path: it reads counts on the device
+        layer.experts.backend = "grouped_mm"  # the GPU path: it reads counts on the device
         router = layer.gate.router
         route = router.forward
         monkeypatch.setattr(
@@ -241,7 +241,7 @@ def test_expert_parallel_matches_dense_reference(world: int, ep_size: int) -> No
     # skewed: only the rank(s) hosting experts 0 and 1 receive rows
     for res in skewed:
         if res["first_expert"] > 1:
-            assert res["received"].sum() == 0 and res["grads"]["w1_eHF"].abs().sum() == 0
+            assert res["received"].sum() == 0 and res["grads"]["w13_eHG"].abs().sum() == 0
 
 
 def test_init_does_not_depend_on_ep_size() -> None:
@@ -262,3 +262,10 @@ def test_init_does_not_depend_on_ep_size() -> None:
             assert torch.equal(torch.rand(3), after_full)  # later draws unaffected too
     assert all(getattr(p, "expert_parallel", False) for p in full.parameters())
     assert full.w2_eFH.std() < full.w1_eHF.std()
+    # the fused [w1 | w3] holds the draws of the earlier split layout: every w1, every w3, w2
+    torch.manual_seed(3)
+    split = [
+        torch.stack([torch.empty(*shape).normal_(0.0, std) for _ in range(E)])
+        for shape, std in (((H, FF), 0.02), ((H, FF), 0.02), ((FF, H), 0.02 / 2**0.5))
+    ]
+    assert torch.equal(full.w13_eHG, torch.cat(split[:2], dim=-1)) and torch.equal(full.w2_eFH, split[2])

@@ -129,8 +129,8 @@ def test_async_save_kill_resume_and_missing_shard(tmp_path: Path) -> None:
     ckpt = str(tmp_path / "runs" / "full" / "checkpoints")
     with pytest.raises(
         RuntimeError,
-        match=r"blocks\.0\.ffn\.experts\.w1_eHF: checkpoint has shape \(4, 32, 64\), "
-        r"this model \(4, 32, 96\)",
+        match=r"blocks\.0\.ffn\.experts\.w13_eHG: checkpoint has shape \(4, 32, 128\), "
+        r"this model \(4, 32, 192\)",
     ):
         run_on_ranks(train_body, 2, (wider, ckpt))
 
