@@ -86,7 +86,9 @@ def test_installed_wheel_finds_its_files_from_an_empty_folder(installed: Path, t
     assert preset.returncode == 2
     assert "no preset" not in preset.stderr and "hf_lbl" in preset.stderr, preset.stderr
 
-    checked = _run([moe_dist, "check", "configs/models/mixtral_tiny.yaml", "--world-size", "2"], tmp_path)
+    checked = _run(
+        [moe_dist, "check", "configs/models/qwen3_moe_tiny_lpr.yaml", "--world-size", "2"], tmp_path
+    )
     assert checked.returncode == 0, checked.stderr
-    assert "configs/models/mixtral_tiny.yaml: OK" in checked.stdout
+    assert "configs/models/qwen3_moe_tiny_lpr.yaml: OK" in checked.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["runs"])
