@@ -182,6 +182,11 @@ class MpirunConfig(Section):
         None, description="--map-by value; default ppr:<procs_per_node>:node on >1 node"
     )
     bind_to: str | None = Field(None, description="--bind-to value, e.g. none or core")
+    rsh_agent: str | None = Field(
+        None,
+        description="program OpenMPI runs instead of ssh to start its daemon on the other hosts "
+        "(`AGENT HOST COMMAND...`, --mca plm_rsh_agent); a path is relative to the YAML",
+    )
 
 
 class ClusterConfig(Section):

@@ -28,6 +28,12 @@ def build(cluster: ClusterConfig, train_args: list[str]) -> LaunchPlan:
         argv += ["--bind-to", m.bind_to]
     if os.geteuid() == 0:
         argv += ["--allow-run-as-root", "--oversubscribe"]
+    if m.rsh_agent:
+        agent = c.resolve(m.rsh_agent) if "/" in m.rsh_agent else m.rsh_agent  # a name: on PATH
+        argv += ["--mca", "plm_rsh_agent", str(agent)]
+    if c.network.socket_ifname and c.nodes > 1:  # OpenMPI's own TCP traffic on the same NIC
+        argv += ["--mca", "oob_tcp_if_include", c.network.socket_ifname]
+        argv += ["--mca", "btl_tcp_if_include", c.network.socket_ifname]
 
     host, port = c.rdzv_host_port()
     if host is None or host == "localhost":

@@ -4,6 +4,14 @@ One node without a rendezvous endpoint runs ``--standalone``; otherwise every no
 same command (``--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB``),
 the agent on HOST serving the rendezvous store. ``--max-restarts R`` restarts the whole worker
 group when a worker dies; ``train --resume`` then continues from the latest checkpoint.
+
+The c10d rendezvous ignores ``--node-rank`` (torch warns so): it numbers the nodes by their
+sorted addresses, each node's address being ``--local-addr`` or else its FQDN, and a restarted
+group's workers meet at rank 0's address. So when ``node_rank`` is known and the hosts are
+listed, we also pass ``--local-addr hosts[node_rank]``: the address the cluster YAML names,
+which the other nodes reach, instead of whatever this node's FQDN resolves to (a management
+network, or nothing). The nodes then rank in the string order of those addresses (``node001``
+before ``node002``, but ``10.0.0.10`` before ``10.0.0.9``); global ranks follow node ranks.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ def torchrun_options(cluster: ClusterConfig, endpoint: str | None, rdzv_id: str,
         opts += ["--rdzv-conf", rdzv_conf(cluster)]
         if cluster.node_rank is not None:
             opts += ["--node-rank", str(cluster.node_rank)]
+            hosts = cluster.node_hosts()
+            if cluster.node_rank < len(hosts):  # this node as the others reach it (see module doc)
+                opts += ["--local-addr", hosts[cluster.node_rank]]
     opts += ["--nproc-per-node", str(cluster.procs_per_node), "--max-restarts", str(cluster.max_restarts)]
     return [*opts, *cluster.extra_args]
 
