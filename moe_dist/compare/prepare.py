@@ -3,7 +3,11 @@
 1. ``DIR/tokenizer.json``: a byte-level BPE of ``vocab_size`` trained on the inputs
    (``data.tokenizer.train_bpe``, as ``moe-dist train-tokenizer``).
 2. ``DIR/corpus.{bin,idx}``: the inputs tokenized into a Megatron indexed dataset, EOS after each
-   document (``data.documents.write_documents``, as ``moe-dist prepare-data``).
+   document (``data.documents.write_documents``, as ``moe-dist prepare-data``). The training
+   reads validation from the LAST ``data.val_fraction`` of the documents, so inputs from several
+   sources take ``shuffle_files: true``: the files in the order of a SHA-256 of their path (the
+   same on every machine), so the held-out documents are a sample of every source, not the last
+   package's.
 3. ``DIR/prepared.json`` records the inputs (files and sizes) and the vocabulary; when it
    matches, nothing is redone. Every file is written atomically, the stamp last.
 4. The base config then reads ``data.paths: [DIR/corpus]`` with that tokenizer.
@@ -17,6 +21,7 @@ training anything (``tools/gpu_compare.sh --prepare`` does that before a GPU run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -33,10 +38,13 @@ from moe_dist.data.tokenizer import HFTokenizer, train_bpe
 
 def _inputs(spec: PrepareSpec) -> list[Path]:
     try:
-        return [f for entry in spec.inputs for f in expand_paths(entry)]
+        files = [f for entry in spec.inputs for f in expand_paths(entry)]
     except DataError as exc:
         hint = f" ({spec.install_hint})" if spec.install_hint else ""
         raise DataError(f"compare.prepare.inputs: {exc}{hint}") from None
+    if spec.shuffle_files:
+        files.sort(key=lambda f: hashlib.sha256(str(f).encode()).hexdigest())
+    return files
 
 
 def prepared_data_config(spec: PrepareSpec) -> dict[str, Any]:
@@ -53,7 +61,11 @@ def _carried(spec: PrepareSpec) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     files_here = all((out / f).is_file() for f in ("tokenizer.json", "corpus.bin", "corpus.idx"))
-    same = saved.get("vocab_size") == spec.vocab_size and saved.get("inputs") == spec.inputs
+    same = (saved.get("vocab_size"), saved.get("inputs"), saved.get("shuffle_files", False)) == (
+        spec.vocab_size,
+        spec.inputs,
+        spec.shuffle_files,
+    )
     return saved if same and files_here else None
 
 
@@ -77,6 +89,8 @@ def prepare_data(spec: PrepareSpec, say: Any = print) -> dict[str, Any]:
         "files": len(files),
         "bytes": sum(f.stat().st_size for f in files),
     }
+    if spec.shuffle_files:  # only then: stamps made before the option still match
+        stamp["shuffle_files"] = True
     tok_path, prefix, stamp_path = out / "tokenizer.json", out / "corpus", out / "prepared.json"
     overrides = prepared_data_config(spec)
     try:

@@ -54,6 +54,9 @@ class PrepareSpec(_Strict):
     vocab_size: int = Field(8192, gt=256)
     dir: str = Field(description="where tokenizer.json and corpus.{bin,idx} are written (cached)")
     install_hint: str = Field("", description="what to install when the inputs are missing")
+    shuffle_files: bool = Field(
+        False, description="files in the order of a hash of their path (validation samples every source)"
+    )
 
 
 class ClaimSpec(_Strict):

@@ -40,6 +40,37 @@ def test_dry_run_validates_both_gpu_presets_and_trains_nothing(tmp_path: Path) -
     assert "Traceback" not in bad.stderr
 
 
+def test_shuffled_files_mix_the_sources_and_carried_data_is_used_as_is(tmp_path: Path) -> None:
+    import hashlib
+
+    from moe_dist.compare.prepare import _inputs, prepare_data
+    from moe_dist.compare.presets import PrepareSpec
+    from moe_dist.data.errors import DataError
+    from moe_dist.data.indexed_dataset import read_indexed
+
+    for src in ("a", "b"):
+        (tmp_path / src).mkdir()
+        for i in range(6):
+            (tmp_path / src / f"{i}.txt").write_text(f"{src} document {i} " * 30)
+    inputs = [str(tmp_path / "a" / "*.txt"), str(tmp_path / "b" / "*.txt")]
+    spec = PrepareSpec(inputs=inputs, vocab_size=300, dir=str(tmp_path / "d"), shuffle_files=True)
+    files = _inputs(spec)
+    assert files == sorted(files, key=lambda f: hashlib.sha256(str(f).encode()).hexdigest())
+    assert sorted(files) == sorted(_inputs(spec.model_copy(update={"shuffle_files": False})))
+    plain = _inputs(spec.model_copy(update={"shuffle_files": False}))
+    assert [f.parent.name for f in plain] == ["a"] * 6 + ["b"] * 6  # unshuffled: source after source
+    prepare_data(spec, say=lambda m: None)
+    assert read_indexed(tmp_path / "d" / "corpus").num_documents == 12
+    # Inputs gone (a machine without the packages): the matching stamp is used, with a note.
+    for f in files:
+        f.unlink()
+    notes: list[str] = []
+    assert prepare_data(spec, say=notes.append)["paths"] == [str(tmp_path / "d" / "corpus")]
+    assert "not re-checked" in notes[0]
+    with pytest.raises(DataError, match="no files match"):  # a stamp of another spec is not used
+        prepare_data(spec.model_copy(update={"vocab_size": 301}), say=notes.append)
+
+
 def tiny_gpu_preset(tmp: Path) -> Path:
     """simbal_paper_gpu.yaml with a tiny model and its prepare section pointed at a few text files."""
     data = yaml.safe_load((ROOT / "configs" / "compare" / "simbal_paper_gpu.yaml").read_text())
