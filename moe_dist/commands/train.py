@@ -8,6 +8,7 @@ from typing import Any
 from moe_dist.config import load_config
 from moe_dist.config.advice import config_warnings
 from moe_dist.parallel.startup import launch_info
+from moe_dist.training.checkpoint_choice import finished_run
 from moe_dist.training.engines import engine_for
 from moe_dist.training.run import train
 
@@ -20,6 +21,12 @@ def train_main(args: Any) -> int:
     if launch.rank == 0:
         for line in config_warnings(cfg):
             print(f"warning: {line}", file=sys.stderr, flush=True)
+    if args.resume is not None:
+        finished = finished_run(args.resume, cfg.run_dir / "checkpoints", cfg.schedule.steps)
+        if finished is not None:  # every rank reads the same files and stops alike, before any collective
+            if launch.rank == 0:
+                print(finished, file=sys.stderr, flush=True)  # where train's console lines go
+            return 0
     train(cfg, engine_for(cfg), resume=args.resume)
     return 0
 

@@ -117,6 +117,25 @@ def resume_from(resume: str | None, ckpt_root: Path, groups: ParallelGroups, log
     return choose(Path(resume) if resume else ckpt_root, groups, log)
 
 
+def finished_run(resume: str, ckpt_root: Path, steps: int) -> str | None:
+    """Why ``--resume`` has nothing to train (the checkpoint it would load is at ``steps`` or
+    beyond), or None. Reads meta.json only; the verification of ``choose`` runs when the answer
+    is yes, so a corrupt newest checkpoint (an older one then loads) does not count as finished."""
+    found = candidates(Path(resume) if resume else ckpt_root)
+    if not found:
+        return None
+    try:
+        step = int(json.loads((found[0] / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if step < steps or verify(found[0]) is not None:
+        return None
+    return (
+        f"--resume: the run is finished: {found[0]} is at step {step} of schedule.steps {steps}; "
+        f"nothing to train. To train it longer, raise schedule.steps (e.g. --set schedule.steps={2 * steps})"
+    )
+
+
 def choose(path: Path, groups: ParallelGroups, log: Any = None) -> Path:
     """The newest usable checkpoint under ``path`` (rank 0 decides; every rank gets the answer)."""
     choice: list[Any] = [None]
