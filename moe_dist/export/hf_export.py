@@ -75,6 +75,8 @@ def export_hf(
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors creates its file 0600; give it the mode every other file gets (0666 - umask)
+        (tmp / "model.safetensors").chmod(0o666 & ~current_umask())
         files = ["config.json", "model.safetensors"]
         files += write_tokenizer_files(tokenizer, tok_cfg.path, cfg.model.max_seq_len, tmp)
         if target == "qwen3_moe_lpr":
@@ -84,6 +86,19 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out_dir, target, trained.checkpoint, trained.step, files)
+
+
+def current_umask() -> int:
+    """This process's umask: from /proc (Linux, no side effect), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
