@@ -90,8 +90,11 @@ def demo_main(args: argparse.Namespace) -> int:
         print(f"telemetry: off ({reason})", flush=True)
     else:
         t = cfg.telemetry
-        urls = ", ".join(f"http://{t.bind}:{t.port_base + r}/metrics" for r in range(args.nproc))
-        print(f"telemetry: Prometheus exporters at {urls} (while training)", flush=True)
+        if t.port_base:
+            urls = ", ".join(f"http://{t.bind}:{t.port_base + r}/metrics" for r in range(args.nproc))
+            print(f"telemetry: Prometheus exporters at {urls} (while training)", flush=True)
+        else:
+            print("telemetry: Prometheus exporters on ports the OS picks (port_base: 0)", flush=True)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if run_dir.exists():
         print(f"starting fresh: removing the previous demo run {run_dir}", flush=True)

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 import prometheus_client
 
 from moe_dist.telemetry.accumulator import StatsAccumulator
-from moe_dist.telemetry.file_sd import Endpoint, gather_endpoints, target_groups, targets_path, write_targets
+from moe_dist.telemetry.file_sd import (
+    Endpoint,
+    gather_endpoints,
+    serving_line,
+    target_groups,
+    targets_path,
+    write_targets,
+)
 from moe_dist.telemetry.handle import Telemetry
 from moe_dist.telemetry.metrics_registry import build_metrics
 from moe_dist.telemetry.publisher import Publisher, Roles
@@ -128,6 +135,10 @@ class Exporter(Telemetry):
         self._layers: Sequence[HasGate] = []
         self._step = 0
         self._losses: dict[str, float] = {}
+
+    def serving(self) -> str | None:
+        """Every rank's real endpoint (gathered at start), one line: ``file_sd.serving_line``."""
+        return serving_line(self.endpoints)
 
     @property
     def url(self) -> str:

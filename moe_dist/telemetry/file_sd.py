@@ -42,6 +42,39 @@ def gather_endpoints(mine: Endpoint) -> list[Endpoint]:
     return [Endpoint(**e) for e in out if e is not None]
 
 
+def _ranges(values: list[int]) -> str:
+    """[9400, 9401, 9402, 9410] -> "9400-9402,9410"."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def serving_line(endpoints: list[Endpoint], list_up_to: int = 8) -> str:
+    """Where every rank serves its metrics, one console line with the real bound ports
+    (``port_base: 0`` or a busy port's fallback picks them at start). Up to ``list_up_to`` ranks
+    every URL is listed; beyond, one entry per host::
+
+        telemetry: rank 0 http://node1:9400/metrics, rank 1 http://node1:9401/metrics
+        telemetry: 16 ranks, /metrics on http://node1 ports 9400-9407 (ranks 0-7), http://node2 ...
+    """
+    if len(endpoints) <= list_up_to:
+        return "telemetry: " + ", ".join(
+            f"rank {e.rank} {e.scheme}://{e.host}:{e.port}/metrics" for e in endpoints
+        )
+    by_host: dict[tuple[str, str], list[Endpoint]] = {}
+    for e in endpoints:
+        by_host.setdefault((e.scheme, e.host), []).append(e)
+    hosts = [
+        f"{scheme}://{host} ports {_ranges([e.port for e in g])} (ranks {_ranges([e.rank for e in g])})"
+        for (scheme, host), g in by_host.items()
+    ]
+    return f"telemetry: {len(endpoints)} ranks, /metrics on " + ", ".join(hosts)
+
+
 def targets_path(path: str, job_id: str) -> Path:
     p = Path(path)
     if path.endswith("/") or p.is_dir():

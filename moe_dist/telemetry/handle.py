@@ -41,6 +41,10 @@ class Telemetry:
     def close(self, summary: dict | None = None) -> None:
         pass
 
+    def serving(self) -> str | None:
+        """Where every rank serves its metrics (one console line), or None when disabled."""
+        return None
+
     def __enter__(self) -> Telemetry:
         return self
 
