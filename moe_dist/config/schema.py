@@ -280,6 +280,12 @@ class RunConfig(Section):
     job_id: str | None = Field(None, description="label for telemetry; default: name + start time")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="save a checkpoint and exit 143 (to be resumed) after this many minutes of training, "
+        "before a wall-time limit (Megatron's --exit-duration-in-mins; training/preemption.py)",
+    )
     retain_freed_memory: bool = Field(
         True, description="CPU runs: keep freed host memory mapped, no page faults per step (host_memory.py)"
     )
