@@ -28,9 +28,12 @@ def test_method_configs_say_what_their_names_say() -> None:
     assert (simbal.model.moe.num_experts, simbal.model.moe.router.top_k) == (8, 2)
 
 
+def _both(rank: int, world_size: int, cfgs: list) -> list[dict]:
+    return [train_body(rank, world_size, cfg) for cfg in cfgs]  # one spawn of 2 ranks for both
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen3_moe_tiny_lpr", "mixtral_tiny_simbal"])
-def test_method_config_trains_two_steps_on_two_ranks(name: str, tmp_path: Path) -> None:
+def test_method_configs_train_two_steps_on_two_ranks(tmp_path: Path) -> None:
     short = [
         f"run.out_dir={json.dumps(str(tmp_path / 'runs'))}",
         f"data.paths=[{json.dumps(str(write_corpus(tmp_path)))}]",
@@ -43,9 +46,11 @@ def test_method_config_trains_two_steps_on_two_ranks(name: str, tmp_path: Path) 
         "eval.every=0",
         "checkpoint.every=0",
     ]
-    cfg = load_config(MODELS / f"{name}.yaml", short, world_size=2)
-    assert cfg.parallel.ep_size == 2  # as shipped
-    out = run_on_ranks(train_body, 2, (cfg,))
-    losses = out[0]["losses"]
-    assert len(losses) == 2 and all(x == x and 0 < x < 20 for x in losses), out[0]["log"][-2000:]
-    assert out[0]["skipped"] == []
+    names = ["qwen3_moe_tiny_lpr", "mixtral_tiny_simbal"]
+    cfgs = [load_config(MODELS / f"{name}.yaml", short, world_size=2) for name in names]
+    assert [c.parallel.ep_size for c in cfgs] == [2, 2]  # as shipped
+    rank0, _ = run_on_ranks(_both, 2, (cfgs,))
+    for name, out in zip(names, rank0, strict=True):
+        losses = out["losses"]
+        assert len(losses) == 2 and all(x == x and 0 < x < 20 for x in losses), (name, out["log"][-2000:])
+        assert out["skipped"] == [], name
