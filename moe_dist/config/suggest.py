@@ -1,4 +1,4 @@
-""""Did you mean": the one known key close to an unknown one (``schedule.step`` -> ``schedule.steps``).
+"""A "did you mean" for an unknown key: the one known key close to it (schedule.step -> steps).
 
 ``known_keys(root, data, loc)`` lists the keys the section at ``loc`` accepts: the fields of the
 model class the path leads to from ``root`` (through nested sections, lists and optional
