@@ -10,6 +10,7 @@ from moe_dist.config.advice import config_warnings
 from moe_dist.parallel.startup import launch_info
 from moe_dist.training.checkpoint_choice import finished_run
 from moe_dist.training.engines import engine_for
+from moe_dist.training.preemption import EXIT_RESUMABLE
 from moe_dist.training.run import train
 
 
@@ -27,8 +28,9 @@ def train_main(args: Any) -> int:
             if launch.rank == 0:
                 print(finished, file=sys.stderr, flush=True)  # where train's console lines go
             return 0
-    train(cfg, engine_for(cfg), resume=args.resume)
-    return 0
+    result = train(cfg, engine_for(cfg), resume=args.resume)
+    # stopped by a signal or run.max_minutes after saving: a code torchrun and SLURM restart on
+    return EXIT_RESUMABLE if result.stop_reason is not None else 0
 
 
 def add_train_parser(subparsers: Any) -> None:

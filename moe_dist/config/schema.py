@@ -258,8 +258,10 @@ class TelemetryConfig(Section):
         0.0, ge=0, description="at start, wait up to this long for Prometheus' first scrape (short jobs)"
     )
     push_timeout_s: float = Field(5.0, gt=0, description="timeout of the end-of-job Pushgateway push")
-    timing: bool = Field(
-        True, description="time all-to-all and expert compute per layer (CUDA: syncs around each phase)"
+    timing: bool | None = Field(
+        None,
+        description="time all-to-all and expert compute per layer; None: on CPU only (on CUDA the "
+        "timing synchronises the device around each phase, so it is opt-in there)",
     )
 
 
@@ -279,6 +281,12 @@ class RunConfig(Section):
     log_every: int = Field(1, ge=1)
     job_id: str | None = Field(None, description="label for telemetry; default: name + start time")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="bf16: fp32 master weights and AdamW state, bf16 compute (autocast plus the "
+        "experts' own casts), fp32 gradient reduction (Megatron's --bf16); fp32: everything in fp32; "
+        "auto: bf16 on CUDA, fp32 on CPU",
+    )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
     max_minutes: float | None = Field(
         None,

@@ -13,7 +13,8 @@ number after ``deepspeed_experts.``; keys of ours that merely contain the word (
 router's ``expert_bias_E``, ``shared_experts.*``) would make it fail. They are renamed on the
 way out ("expert" -> "EXPERT") and back on the way in, so DeepSpeed keeps them with the rest
 of the module. On the way in, a version-1 checkpoint's ``gate.plugin.*`` keys also become today's
-``gate.gate.*``.
+``gate.gate.*``, and a version <= 2 checkpoint's split SwiGLU weights are joined
+(``_join_split_optimizer_state``).
 
 Resuming needs the same world size and EP size: DeepSpeed's optimizer files are per rank.
 """
@@ -23,11 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from moe_dist.layers.split_layout import joined_param_states, pair_params
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.training.checkpoint import Loaded, restore_rng, save_files
 from moe_dist.training.checkpoint_choice import CheckpointError, read_meta
+from moe_dist.training.optim import keep_implementation
 
 _EXPERT_WEIGHTS = "deepspeed_moe.experts."  # DeepSpeed's own expert weights: left as they are
 _WORD, _MASK = "expert", "EXPERT"
@@ -63,6 +67,35 @@ def save(engine: Any, ckpt_root: Path, step: int, groups: ParallelGroups, traine
     return save_files(ckpt_root, step, groups, trainer, keep, write, engine="deepspeed")
 
 
+def _optimizer_state_hook(engine: Any, path: Path, join_split: bool) -> Any:
+    """A pre-hook on the client AdamW's ``load_state_dict`` (ZeRO 0, where DeepSpeed hands it
+    the saved state as it is): the saved groups keep this run's kernel settings (fused, ...),
+    and with ``join_split`` a checkpoint of format version <= 2, which held SwiGLU gate and up
+    projections as two parameters (``layers/split_layout.py``), has their moments joined (the
+    weights are joined by the modules' own load hooks). ZeRO 1/2's flat partitions are not
+    upgraded. Returns the hook's handle, or None."""
+    optimizer = engine.optimizer
+    is_torch = isinstance(optimizer, torch.optim.Optimizer) and engine.zero_optimization_stage() == 0
+    pairs = pair_params(engine.module) if join_split else set()
+    if not is_torch:
+        if pairs:
+            raise CheckpointError(
+                f"{path}: a checkpoint of format version <= 2 (split gate/up expert weights) resumes under "
+                "the deepspeed engine at ZeRO stage 0 only (resume it at stage 0 once, or with the native "
+                "engine)"
+            )
+        return None
+    current = optimizer.param_groups
+    fused = [[id(p) in pairs for p in group["params"]] for group in current]
+
+    def hook(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        if pairs:
+            state = joined_param_states(state, fused)
+        return {**state, "param_groups": keep_implementation(state["param_groups"], current)}
+
+    return optimizer.register_load_state_dict_pre_hook(hook)
+
+
 def load(engine: Any, path: Path, groups: ParallelGroups) -> Loaded:
     """Load the verified checkpoint ``path`` into ``engine`` (weights, experts, optimizer) and
     this rank's generators."""
@@ -72,9 +105,14 @@ def load(engine: Any, path: Path, groups: ParallelGroups) -> Loaded:
             f"{path}: written by world {meta['world_size']} x EP {meta['ep_size']}; the deepspeed "
             f"engine resumes only the same layout (this run: world {groups.world_size} x EP {groups.ep_size})"
         )
-    loaded_path, _ = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    upgrade = _optimizer_state_hook(engine, path, join_split=meta.get("version", 1) < 3)
+    try:
+        loaded_path, _ = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    finally:
+        if upgrade is not None:
+            upgrade.remove()
     if loaded_path is None:
         raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load there")
     restored = restore_rng(path, meta, groups)

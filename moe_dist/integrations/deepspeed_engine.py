@@ -16,9 +16,11 @@ all-to-all, experts) around our router and losses, initialised with the native l
 1. Build: DeepSpeed's communication backend, the native model (same seed) with every MoE block
    converted; parameter groups decay / no-decay, then
    ``split_params_into_different_moe_groups_for_optimizer`` (expert parameters in their own
-   ``moe`` groups, needed by ZeRO); torch AdamW (`SkippableAdamW`); ``deepspeed.initialize``
-   with ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``,
-   ``gradient_clipping`` and ``zero_optimization.stage`` from our config.
+   ``moe`` groups, needed by ZeRO); torch's fused AdamW; ``deepspeed.initialize`` with
+   ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``gradient_clipping``,
+   ``zero_optimization.stage`` and, with ``run.precision`` bf16, ``bf16.enabled`` (DeepSpeed
+   then holds bf16 weights with fp32 master copies in its optimizer wrapper, its own mixed
+   precision; our layers compute in the weights' dtype).
 2. ``forward_backward`` per micro-batch: ``engine(x, doc)``, ``engine.backward(task + aux)``; the
    accumulation boundary is set explicitly (``set_gradient_accumulation_boundary``: the last
    micro-batch), so DeepSpeed reduces the gradients in that backward and the norm can be read
@@ -28,10 +30,12 @@ all-to-all, experts) around our router and losses, initialised with the native l
    with; fp32, so no loss scale). ZeRO 0: our ``global_grad_norm`` over the whole ``p.grad``
    (DeepSpeed's own ZeRO-0 clip averages per-rank norms, which is not the norm of the gradient).
    DeepSpeed clips inside ``engine.step()``.
-4. ``step``: ``engine.step()`` (clip, AdamW, zero the gradients). ``skip``: the same
-   ``engine.step()`` with the AdamW update called off: DeepSpeed still drops the gradients and
-   its ZeRO partitions, weights and moments stay as they were (at ZeRO 1/2 DeepSpeed would skip a
-   non-finite gradient by itself, but not a non-finite loss with finite gradients).
+4. ``step(nonfinite)``: ``engine.step()`` (clip, AdamW, zero the gradients) with the device flag
+   handed to the fused AdamW as ``found_inf`` (``optim.step_unless``): where it is set the update
+   is called off on the device, DeepSpeed still drops the gradients and its ZeRO partitions,
+   weights and moments stay as they were (at ZeRO 1/2 DeepSpeed would skip a non-finite gradient
+   by itself, but not a non-finite loss with finite gradients). DeepSpeed's own step makes host
+   reads of its own (overflow checks, ZeRO bookkeeping) that moe_dist does not control.
 5. ``save`` / ``load``: ``deepspeed_checkpoint`` (DeepSpeed's files, our meta.json).
 
 Run it with ``deepspeed --num_gpus N --master_addr 127.0.0.1 --no_local_rank $(which moe-dist)
@@ -42,7 +46,6 @@ train CONFIG --set parallel.engine=deepspeed`` (on CPU: ``DS_ACCELERATOR=cpu``, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +62,13 @@ from moe_dist.parallel.startup import pick_backend
 from moe_dist.training.checkpoint import Loaded
 from moe_dist.training.grad_sync import global_grad_norm
 from moe_dist.training.optim import set_lr
+from moe_dist.training.precision import resolved_precision
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """torch AdamW whose update can be called off (``called_off``) for one ``engine.step()``."""
-
-    called_off = False
-
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        if self.called_off:
-            return None
-        return super().step(closure)
-
-
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed JSON config our YAML implies (fp32; bf16 autocast is the native engine's business)."""
+def deepspeed_config(cfg: Config, bf16: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config our YAML implies (``bf16``: DeepSpeed's bf16 mode)."""
     return {
+        **({"bf16": {"enabled": True}} if bf16 else {}),
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.data.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -85,7 +79,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def initialize(model: nn.Module, cfg: Config) -> tuple[Any, SkippableAdamW]:
+def initialize(model: nn.Module, cfg: Config, bf16: bool = False) -> tuple[Any, torch.optim.AdamW]:
     """``deepspeed.initialize`` for a converted model: MoE parameter groups, AdamW, our ZeRO stage;
     the engine and its client optimizer."""
     import deepspeed  # noqa: PLC0415 - heavy, only for this engine
@@ -99,8 +93,10 @@ def initialize(model: nn.Module, cfg: Config) -> tuple[Any, SkippableAdamW]:
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
         ]
     )
-    adamw = SkippableAdamW(param_groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=deepspeed_config(cfg))
+    adamw = torch.optim.AdamW(
+        param_groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=deepspeed_config(cfg, bf16))
     return engine, adamw
 
 
@@ -117,13 +113,14 @@ class DeepSpeedEngine:
         deepspeed.init_distributed(dist_backend=pick_backend(cfg.parallel))
         self.groups, self.grad_accum, self.zero_stage = groups, cfg.data.grad_accum, cfg.parallel.zero_stage
         self.model = convert_model(build_model(cfg.model, groups, seed=cfg.run.seed), cfg.parallel.ep_size)
-        self.engine, self.adamw = initialize(self.model.to(device), cfg)
+        self.bf16 = resolved_precision(cfg.run.precision, device) == "bf16"
+        self.engine, self.adamw = initialize(self.model.to(device), cfg, self.bf16)
         self.evaluate_model = self.engine
         self.summary_fields: dict[str, Any] = {"engine": "deepspeed", "zero_stage": self.zero_stage}
         self.micro = 0  # micro-batches of this step so far
 
     def describe(self) -> str:
-        return f"DeepSpeed engine, ZeRO {self.zero_stage}"
+        return f"DeepSpeed engine, ZeRO {self.zero_stage}, {'bf16' if self.bf16 else 'fp32'}"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -153,17 +150,13 @@ class DeepSpeedEngine:
         expert = [p.grad for p in grads if is_moe_param(p)]
         return global_grad_norm(dense, expert, self.groups)  # type: ignore[arg-type]
 
-    def step(self) -> None:
-        # 4. clip, update, zero the gradients
-        self.engine.step()
-        self.micro = 0
-
-    def skip(self) -> None:
-        self.adamw.called_off = True
+    def step(self, nonfinite: torch.Tensor) -> None:
+        # 4. clip, update unless flagged, zero the gradients
+        self.adamw.found_inf = nonfinite.to(torch.float32).reshape(())  # type: ignore[attr-defined]
         try:
             self.engine.step()
         finally:
-            self.adamw.called_off = False
+            self.adamw.found_inf = None  # type: ignore[attr-defined]
             self.micro = 0
 
     def save(self, ckpt_root: Path, step: int, trainer_state: dict[str, Any], keep: int) -> None:

@@ -51,6 +51,7 @@ from torch import nn
 from moe_dist.config import ExpertsConfig, MoEConfig
 from moe_dist.layers.experts import SharedExperts
 from moe_dist.layers.gate import Gate
+from moe_dist.layers.split_layout import join_on_load
 from moe_dist.ops.compute_dtype import cast_weight, compute_dtype
 from moe_dist.ops.slot_sort import sort_slots
 from moe_dist.routing.base import Routing
@@ -261,6 +262,8 @@ class ExpertMLP(nn.Module):
         halves = [torch.empty(hidden, ffn_hidden).normal_(0.0, init_std) for _ in range(n_in)]
         self.w13_HG = nn.Parameter(torch.cat(halves, dim=-1))
         self.w2_FH = nn.Parameter(torch.empty(ffn_hidden, hidden).normal_(0.0, init_std / math.sqrt(2.0)))
+        self.split_pairs = ("w13_HG",) if self.swiglu else ()  # layers/split_layout.py
+        join_on_load(self)  # DeepSpeed's expert files of format version <= 2
 
     @classmethod
     def from_config(cls, cfg: ExpertsConfig, hidden: int) -> ExpertMLP:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_dist.layers.split_layout import join_on_load
 from moe_dist.ops.compiled import FusedKernels
 from moe_dist.ops.compute_dtype import cast_weight, compute_dtype
 from moe_dist.ops.cpu_matmul import CpuMatmul
@@ -99,6 +100,8 @@ class GroupedExperts(nn.Module):
         for p in self.parameters():
             p.expert_parallel = True  # type: ignore[attr-defined]
         self.reset_parameters()
+        self.split_pairs = ("w13_eHG",) if activation == "swiglu" else ()  # split_layout.py
+        join_on_load(self)  # state dicts of the split layout load too
 
     @property
     def w1_eHF(self) -> torch.Tensor:
@@ -185,6 +188,8 @@ class SharedExperts(nn.Module):
             self.w13_HG[:, :Fs].copy_(torch.empty(hidden, Fs).normal_(0.0, init_std))
             self.w13_HG[:, Fs:].copy_(torch.empty(hidden, Fs).normal_(0.0, init_std))
             self.w2_FH.normal_(0.0, out_std if out_std is not None else init_std / math.sqrt(2.0))
+        self.split_pairs = ("w13_HG",)  # split_layout.py
+        join_on_load(self)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """In the compute dtype (see ``GroupedExperts``), like the routed experts' output."""

@@ -65,7 +65,7 @@ class Exporter(Telemetry):
         self.cfg, self.groups, self.job_id = cfg, groups, job_id
         self.model_name, self.router_name = model_name, router_name
         self.rank = groups.rank
-        self.wants_timing = bool(cfg.timing)
+        self.wants_timing = cfg.timing  # None: the trainer decides by device
         self.closed = False
         self._warned = False
         # 1. metrics (``_created`` series would double the per-expert cardinality for nothing)
@@ -135,6 +135,7 @@ class Exporter(Telemetry):
         self._layers: Sequence[HasGate] = []
         self._step = 0
         self._losses: dict[str, float] = {}
+        self._last_step_clock = 0.0
 
     def serving(self) -> str | None:
         """Every rank's real endpoint (gathered at start), one line: ``file_sd.serving_line``."""
@@ -175,14 +176,23 @@ class Exporter(Telemetry):
         layers: Sequence[HasGate],
         global_counts: StepCounts,
         *,
-        step_seconds: float = 0.0,
+        step_seconds: float | None = None,
         tokens: int = 0,
         losses: dict[str, float] | None = None,
     ) -> None:
+        """Fold one step in (device work only). ``step_seconds`` None: the host time since the
+        previous call (the loop does not wait for the device, so over an interval of steps this
+        is the device's pace). ``losses``: host values; None keeps the last ones set."""
+        now_clock = time.perf_counter()
+        if step_seconds is None:
+            step_seconds = now_clock - self._last_step_clock if self._last_step_clock else 0.0
+        self._last_step_clock = now_clock
         if self.closed or not global_counts.counts_E:
             return
         try:
-            self._layers, self._step, self._losses = layers, step, losses or {}
+            self._layers, self._step = layers, step
+            if losses is not None:
+                self._losses = losses
             if self.publisher is None:
                 self.roles.num_local_experts = global_counts.counts_E[0].numel() // max(self.roles.ep_size, 1)
                 self.publisher = Publisher(self.metrics, self.roles)
@@ -199,6 +209,10 @@ class Exporter(Telemetry):
             if not self._warned:
                 log.exception("telemetry: step %d could not be recorded (training continues)", step)
                 self._warned = True
+
+    def set_losses(self, losses: dict[str, float]) -> None:
+        """The newest loss values read back by the loop (published with the next snapshot)."""
+        self._losses = dict(losses)
 
     def flush(self) -> None:
         """Publish the steps folded so far now and wait until the endpoint shows them (blocking:

@@ -5,7 +5,8 @@ The trainer's whole contract (``start_telemetry`` is in ``start.py``)::
     tel = start_telemetry(cfg.telemetry, groups, job_id=..., model_name=..., router_name=...,
                           local_rank=..., node=...)
     tel.wants_timing          # should layers time their all-to-all and experts?
-    tel.on_step(step, model.moe_layers(), global_counts, step_seconds=..., tokens=..., losses={...})
+    tel.on_step(step, model.moe_layers(), global_counts, tokens=...)   # every step, device work only
+    tel.set_losses({...})     # the loss terms, when the loop has read them back (log steps)
     tel.close(summary)
 
 With ``enabled: false`` this class is the whole implementation: no prometheus_client import, no
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class Telemetry:
-    wants_timing: bool = False
+    wants_timing: bool | None = False
 
     def on_step(
         self,
@@ -32,10 +33,13 @@ class Telemetry:
         layers: Sequence[HasGate],
         global_counts: StepCounts,
         *,
-        step_seconds: float = 0.0,
+        step_seconds: float | None = None,
         tokens: int = 0,
         losses: dict[str, float] | None = None,
     ) -> None:
+        pass
+
+    def set_losses(self, losses: dict[str, float]) -> None:
         pass
 
     def close(self, summary: dict | None = None) -> None:

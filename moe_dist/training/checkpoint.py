@@ -55,6 +55,7 @@ from moe_dist.training.checkpoint_choice import (
 )
 from moe_dist.training.checkpoint_upgrade import upgraded_model_state, upgraded_optim_state
 from moe_dist.training.grad_sync import is_expert_param
+from moe_dist.training.optim import IMPLEMENTATION_KEYS
 
 
 @dataclass
@@ -338,6 +339,7 @@ def _local_optim_state(
                 state[index] = st
             ids.append(index)
             index += 1
-        hyper = {k: v for k, v in saved_group.items() if k != "param_names"}
+        # hyper-parameters come back; how the optimizer runs (fused, foreach...) stays this run's
+        hyper = {k: v for k, v in saved_group.items() if k not in ("param_names", *IMPLEMENTATION_KEYS)}
         out_groups.append({**{k: v for k, v in group.items() if k != "params"}, **hyper, "params": ids})
     return {"state": state, "param_groups": out_groups}

@@ -45,11 +45,12 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from moe_dist.layers.split_layout import split_names
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.parallel.mesh import ParallelMeshes
 from moe_dist.training.checkpoint import Loaded, begin_save, finish_save, restore_rng
 from moe_dist.training.checkpoint_choice import CheckpointError
-from moe_dist.training.checkpoint_upgrade import split_names, upgraded_model_state, upgraded_optim_state
+from moe_dist.training.checkpoint_upgrade import upgraded_model_state, upgraded_optim_state
 from moe_dist.training.grad_sync import is_expert_param
 
 LAYOUT = "dcp"

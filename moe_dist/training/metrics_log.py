@@ -43,12 +43,20 @@ def _step_of(line: str) -> int:
 
 
 class Console:
-    """Rank 0's progress bar and log lines on stderr (silent on other ranks)."""
+    """Rank 0's log lines and progress bar on stderr (silent on other ranks).
 
-    def __init__(
-        self, total_steps: int, enabled: bool, log_every: int, stream: IO[str] | None = None
-    ) -> None:
-        self.total, self.enabled, self.log_every = total_steps, enabled, log_every
+    One line per flushed log step, Megatron / torchtitan style: the task loss, each aux term,
+    the gradient norm, the learning rate, the load balance of the MoE layers (mean Gini and the
+    worst MaxVio over layers, this step's counts), peak memory (the largest rank's), tokens/s
+    averaged over the log interval, the skipped-step count when there are any, and the
+    validation loss on evaluation steps::
+
+        step    100/600  loss 3.7863  switch 0.0101  grad 0.53  lr 6.95e-04  gini 0.120  maxvio 0.45
+        mem 1.20GiB  1,153 tok/s  val 3.8803                                  (one line on the console)
+    """
+
+    def __init__(self, total_steps: int, enabled: bool, stream: IO[str] | None = None) -> None:
+        self.total, self.enabled = total_steps, enabled
         self.stream = stream or sys.stderr
         self.tty = enabled and self.stream.isatty()
         self.t0 = time.perf_counter()
@@ -59,24 +67,49 @@ class Console:
             self._clear_bar()
             print(text, file=self.stream, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, extra: str = "") -> None:
-        if not self.enabled:
+    def log(self, record: dict[str, Any], interval_tokens_per_s: float, skipped: int = 0) -> None:
+        """The log line of ``record`` (a metrics.jsonl record, ``step_record``)."""
+        if self.enabled:
+            self.say(log_line(record, interval_tokens_per_s, skipped, self.total))
+
+    def progress(self, step: int, losses: dict[int, float]) -> None:
+        """Redraw the progress bar (a terminal only) with the newest loss read back."""
+        if not self.tty:
             return
-        if step % self.log_every == 0 or step == self.total:
-            self.say(
-                f"step {step:>6}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s{extra}"
-            )
-        if self.tty:
-            width = 30
-            done = int(width * step / max(1, self.total))
-            elapsed = time.perf_counter() - self.t0
-            eta = elapsed / max(1, step) * (self.total - step)
-            bar = "#" * done + "." * (width - done)
-            self.stream.write(f"\r[{bar}] {step}/{self.total}  loss {loss:.3f}  eta {eta:,.0f}s ")
-            self.stream.flush()
-            self._bar_shown = True
+        width = 30
+        done = int(width * step / max(1, self.total))
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(1, step) * (self.total - step)
+        bar = "#" * done + "." * (width - done)
+        loss = f"  loss {losses[max(losses)]:.3f}" if losses else ""
+        self.stream.write(f"\r[{bar}] {step}/{self.total}{loss}  eta {eta:,.0f}s ")
+        self.stream.flush()
+        self._bar_shown = True
 
     def _clear_bar(self) -> None:
         if self._bar_shown:
             self.stream.write("\r\033[K")
             self._bar_shown = False
+
+
+def log_line(record: dict[str, Any], tokens_per_s: float, skipped: int, total: int) -> str:
+    """The console's one line for a log step (``Console`` docstring)."""
+    parts = [f"step {record['step']:>6}/{total}", f"loss {record['loss']:.4f}"]
+    parts += [f"{name} {value:.4g}" for name, value in record.get("aux", {}).items()]
+    parts += [f"grad {record['grad_norm']:.3g}", f"lr {record['lr']:.2e}"]
+    layers = record.get("layers") or []
+    if layers:
+        gini = sum(layer["gini"] for layer in layers) / len(layers)
+        maxvio = max(layer["max_violation"] for layer in layers)
+        parts += [f"gini {gini:.3f}", f"maxvio {maxvio:.2f}"]
+    memory = record.get("peak_memory_bytes") or []
+    if memory:
+        parts.append(f"mem {max(memory) / 2**30:.2f}GiB")
+    parts.append(f"{tokens_per_s:,.0f} tok/s")
+    if "mfu" in record:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if skipped:
+        parts.append(f"skipped {skipped}")
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    return "  ".join(parts)

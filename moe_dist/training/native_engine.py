@@ -14,12 +14,21 @@ ranks; experts are placed by EP in every mode):
 
 One optimizer step, as ``moe_dist.training.run.train`` drives it:
 
-1. ``forward_backward`` per micro-batch: forward (bf16 autocast on CUDA), loss = cross-entropy +
-   the MoE aux terms, backward of loss / ``grad_accum`` (gradients add up over micro-batches;
-   DDP reduces on the last one only).
+1. ``forward_backward`` per micro-batch: forward (under bf16 autocast with ``run.precision``
+   bf16, the default on CUDA: fp32 master weights, bf16 compute; the experts cast their own
+   operands, ``ops/compute_dtype.py``), loss = cross-entropy + the MoE aux terms, backward of
+   loss / ``grad_accum`` (gradients add up over micro-batches in fp32; DDP reduces on the last
+   one only).
 2. ``clip_grad_norm``: finish the reduction, measure the global norm (each expert once), clip to
-   ``optim.grad_clip``.
-3. ``step`` (AdamW) or ``skip`` (no update); either way the gradients are dropped.
+   ``optim.grad_clip``; the norm stays a device tensor.
+3. ``step(nonfinite)``: fused AdamW, told by its ``found_inf`` to leave weights and moments alone
+   where the device flag is set (no host read); either way the gradients are dropped.
+
+Precision and data parallelism (``precision.py`` resolves ``run.precision``): under fsdp, bf16 is
+FSDP2's ``MixedPrecisionPolicy`` (bf16 parameters in the forward, fp32 gradient reduction);
+under replicate and ddp, autocast with the experts' weights cast once per optimizer step. Which
+of the two is faster on one GPU is not measured yet (no GPU in the session that built it):
+replicate stays the default.
 
 ``save`` / ``load``: ``checkpoint.format`` torch (``checkpoint.py``, rank 0 writes the global
 layout) or dcp (``dcp_checkpoint.py``, a shard per rank, optionally in the background). Either
@@ -47,7 +56,8 @@ from moe_dist.training import checkpoint, dcp_checkpoint
 from moe_dist.training.checkpoint_choice import read_meta
 from moe_dist.training.fsdp import ShardedGradients, shard_model
 from moe_dist.training.grad_sync import GradSync, is_expert_param
-from moe_dist.training.optim import build_optimizer, set_lr
+from moe_dist.training.optim import build_optimizer, set_lr, step_unless
+from moe_dist.training.precision import resolved_precision
 
 
 class NativeEngine:
@@ -64,7 +74,7 @@ class NativeEngine:
         self.evaluate_model = self.model
         self.forward_model: nn.Module = self.model
         self.meshes: ParallelMeshes | None = None
-        self.bf16 = device.type == "cuda"
+        self.bf16 = resolved_precision(cfg.run.precision, device) == "bf16"
         self.grads: GradSync | ShardedGradients
         if self.mode == "fsdp":
             shard_model(self.model, self.mesh(), self.bf16)
@@ -89,12 +99,21 @@ class NativeEngine:
 
     def describe(self) -> str:
         n = self.counted
-        text = f"{n['total']:,} parameters on rank 0 ({n['expert']:,} in experts)"
+        text = f"{n['total']:,} parameters on rank 0 ({n['expert']:,} in experts), {self.precision_text()}"
         return text if self.mode == "replicate" else f"{text}, data parallel {self.mode}"
 
+    def precision_text(self) -> str:
+        if not self.bf16:
+            return "fp32"
+        return (
+            "bf16 compute (FSDP MixedPrecisionPolicy)"
+            if self.mode == "fsdp"
+            else "bf16 compute, fp32 weights"
+        )
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16 and self.mode != "fsdp":  # FSDP's policy casts the parameters itself
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def set_lr(self, lr: float) -> None:
@@ -121,12 +140,9 @@ class NativeEngine:
             self.grads.reduce()
         return self.grads.clip(self.grad_clip)
 
-    def step(self) -> None:
+    def step(self, nonfinite: torch.Tensor) -> None:
         with named_range("optimizer"):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def skip(self) -> None:
+            step_unless(self.optimizer, nonfinite)
         self.optimizer.zero_grad(set_to_none=True)
 
     def reshard(self) -> None:

@@ -1,8 +1,12 @@
 """AdamW with decoupled weight decay on matrices only, and the learning-rate schedules.
 
 Weight decay applies to parameters with two or more dimensions (linear, embedding and expert
-weights), not to norm gains or biases. NVIDIA apex's ``FusedAdam`` (AdamW mode) is used on CUDA
-when apex is importable (NVIDIA's PyTorch container); otherwise torch's AdamW, fused on CUDA.
+weights), not to norm gains or biases. The optimizer is torch's fused AdamW on every device
+(``fused=True``: one kernel per parameter group, CUDA and CPU). It is also the only AdamW that
+takes a device-side skip flag (``found_inf``, as torch's ``GradScaler`` uses it): `step_unless`
+calls an update off without the host reading the flag. NVIDIA apex's ``FusedAdam``, which the
+project used on CUDA before, has no such flag (its skip needs a host read every step) and is
+no faster than torch's fused kernel, so it is no longer preferred.
 """
 
 from __future__ import annotations
@@ -23,16 +27,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# Optimizer settings that choose a kernel, not the maths: a checkpoint does not set them.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def keep_implementation(saved_groups: list[dict], current_groups: list[dict]) -> list[dict]:
+    """Saved parameter groups with this run's implementation settings (``IMPLEMENTATION_KEYS``)."""
+    return [
+        {**g, **{k: cur[k] for k in IMPLEMENTATION_KEYS if k in cur}}
+        for g, cur in zip(saved_groups, current_groups)
+    ]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    if device.type == "cuda":
-        try:
-            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
-            return FusedAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
-        except ImportError:
-            return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+def step_unless(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+    """``optimizer.step()``, called off on the device where ``nonfinite`` (a bool or 0/1 tensor)
+    is set: weights, moments and the step count stay as they were. Fused AdamW reads the flag
+    as ``found_inf`` (torch ``optim/adam.py`` ``_fused_adam``); the flag is a float32 tensor
+    on the parameters' device."""
+    optimizer.found_inf = nonfinite.to(torch.float32).reshape(())  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.found_inf = None  # type: ignore[attr-defined]
 
 
 def lr_at(step: int, optim: OptimizerConfig, sched: ScheduleConfig) -> float:

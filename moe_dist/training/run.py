@@ -10,18 +10,27 @@ it holds, its forward/backward, gradient reduction, optimizer step and checkpoin
 2. Resume (``--resume``): the engine loads weights and optimizer; step, RNG states and trainer
    state come back with them; the data position is the step itself (batches are a pure function
    of seed, step, micro-batch and rank). Then config.json, metrics.jsonl, telemetry.
-3. Loop, one optimizer step at a time:
+3. Loop, one optimizer step at a time. A step that does not log, evaluate or checkpoint never
+   waits for the device (no ``.item()``, ``.tolist()``, ``float(t)``, pageable copies; a CPU
+   test counts them): its values stay on the device in a `StepBuffer` until the next step that
+   reads them back, in one transfer.
    a. ``grad_accum`` micro-batches: ``engine.forward_backward`` (loss = cross-entropy + the MoE
       aux terms, backward);
-   b. gradients: ``engine.clip_grad_norm`` (reduction, global norm, clipping); the loss terms
-      and dropped slots are reduced over ranks in one collective;
-   c. non-finite guard: a non-finite loss term or gradient norm skips the update on every rank
-      (both are group-wide values), and says so;
-   d. ``engine.step()`` or ``engine.skip()``, then ``finish_step``: global expert counts, router
-      after-step hooks;
-   e. log (console, metrics.jsonl with peak memory and MFU, TensorBoard / W&B loggers,
-      telemetry), validate every ``eval.every``, checkpoint every ``checkpoint.every``;
-      ``run.profile`` traces a window of steps.
+   b. gradients: ``engine.clip_grad_norm`` (reduction, global norm, clipping; the norm stays a
+      device tensor); the loss terms are averaged over ranks in one collective;
+   c. non-finite guard, on the device: a non-finite loss term or gradient norm (both group-wide
+      values) becomes a flag that ``engine.step(flag)`` hands to the optimizer, which skips the
+      update on every rank without the host reading it (fused AdamW's ``found_inf``, the
+      mechanism of torch's GradScaler); the host learns it at the next flush and says so;
+   d. ``finish_step``: global expert counts, router after-step hooks;
+   e. every ``run.log_every`` steps, and before evaluating or saving, the buffer is flushed:
+      metrics.jsonl (one record per step, as before), the console line, TensorBoard / W&B;
+      telemetry folds each step in on the device (its own asynchronous copy); validate every
+      ``eval.every``, checkpoint every ``checkpoint.every``; ``run.profile`` traces a window of
+      steps.
+   f. SIGTERM / SIGUSR1 (preemption) or ``run.max_minutes``: every rank stops after the same
+      step (``preemption.py``), saves it and ends; ``moe-dist train`` exits with
+      ``EXIT_RESUMABLE`` (143) so that torchrun and SLURM restart it with ``--resume``.
 4. End: final validation, final checkpoint (a background save is waited for), summary.json,
    telemetry summary.
 
@@ -32,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import socket
 import time
 from collections.abc import Callable
@@ -49,21 +57,25 @@ from moe_dist.models import MoETransformer
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.parallel.startup import init_distributed, shutdown_distributed
 from moe_dist.training import checkpoint, checkpoint_choice
+from moe_dist.training.checkpoint import step_dir_name
 from moe_dist.training.evaluate import evaluate
 from moe_dist.training.host_memory import retain_freed_memory
 from moe_dist.training.loggers import open_loggers
 from moe_dist.training.metrics_log import Console, MetricsLog
 from moe_dist.training.optim import lr_at
+from moe_dist.training.preemption import EXIT_RESUMABLE, StopDecision
 from moe_dist.training.profiling import StepProfiler
+from moe_dist.training.step_buffer import StepBuffer
 from moe_dist.training.step_hook import finish_step
-from moe_dist.training.summary import TrainResult, end_summary, layer_record
+from moe_dist.training.summary import TrainResult, end_summary, step_record
 from moe_dist.training.utilization import Utilization
 
 
 class Engine(Protocol):
     """What the loop asks of an engine; built as ``engine(cfg, groups, device)`` once groups are up.
 
-    After ``step()`` or ``skip()`` no gradient is left for the next step.
+    After ``step(flag)`` no gradient is left for the next step. The flag is a device tensor: a
+    set flag leaves weights and optimizer state as they were.
     """
 
     model: MoETransformer  # MoE layers, blocks, parameter counts (DeepSpeed: the converted model)
@@ -77,8 +89,7 @@ class Engine(Protocol):
         self, x_BS: torch.Tensor, y_BS: torch.Tensor, doc_BS: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...  # (task loss, aux terms by name)
     def clip_grad_norm(self) -> torch.Tensor: ...  # reduced gradients' global norm before clipping
-    def step(self) -> None: ...  # the optimizer update
-    def skip(self) -> None: ...  # no update: weights and optimizer state stay as they are
+    def step(self, nonfinite: torch.Tensor) -> None: ...  # the update, called off where the flag is set
     def save(self, ckpt_root: Path, step: int, trainer_state: dict[str, Any], keep: int) -> None: ...
     def wait_saves(self, complete: bool) -> None: ...  # a background save: wait; complete = make it latest
     def load(self, path: Path) -> checkpoint.Loaded: ...
@@ -100,16 +111,17 @@ def tokens_per_optimizer_step(cfg: Config, groups: ParallelGroups) -> int:
     return groups.world_size * cfg.data.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len
 
 
-def _all_reduce_mean(losses: torch.Tensor, dropped_L: torch.Tensor, groups: ParallelGroups) -> list[float]:
-    """Mean of the loss terms over ranks, and dropped counts summed over ranks: one collective."""
-    t = torch.cat([losses, dropped_L.to(losses.device)])
+def _all_reduce_mean(losses: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """Mean of the loss terms over ranks (one collective, on the device)."""
     if groups.distributed:
-        dist.all_reduce(t)
-        t[: len(losses)] /= groups.world_size
-    return t.tolist()
+        dist.all_reduce(losses)
+        losses /= groups.world_size
+    return losses
 
 
-def _start_telemetry(cfg: Config, groups: ParallelGroups, model: MoETransformer, local_rank: int) -> Any:
+def _start_telemetry(
+    cfg: Config, groups: ParallelGroups, model: MoETransformer, local_rank: int, device: torch.device
+) -> Any:
     if not cfg.telemetry.enabled:
         return None
     try:
@@ -127,7 +139,8 @@ def _start_telemetry(cfg: Config, groups: ParallelGroups, model: MoETransformer,
         node=socket.gethostname(),
     )
     for layer in model.moe_layers():
-        layer.gate.timing = tel.wants_timing
+        # timing synchronises a CUDA device around each phase: there only when asked for
+        layer.gate.timing = tel.wants_timing if tel.wants_timing is not None else device.type != "cuda"
     return tel
 
 
@@ -147,15 +160,16 @@ def train(
     # ---- 1. start
     own_pg = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(cfg.parallel)
-    tel = log = loggers = prof = None
+    tel = log = loggers = prof = stop = None
     try:
         check_world_size(cfg, info.world_size)
         groups = ParallelGroups.build(cfg.parallel.ep_size, cfg.parallel.ep_transport)
+        stop = StopDecision.start(cfg.run.max_minutes)  # SIGTERM / SIGUSR1 / time limit, agreed by all ranks
         is_main = groups.rank == 0
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         device = pick_device(cfg.run.device, info.local_rank)
-        console = Console(cfg.schedule.steps, is_main, cfg.run.log_every, stream)
+        console = Console(cfg.schedule.steps, is_main, stream)
         if device.type == "cpu" and cfg.run.retain_freed_memory:
             reason = retain_freed_memory()
             if reason is not None:
@@ -180,11 +194,15 @@ def train(
                 f"resumed from {loaded.path} at step {start_step}"
                 + ("" if loaded.rng_restored else " (new EP/world size: RNG streams reseeded)")
             )
+        # whole-run counts accumulate on the device; read at checkpoints and at the end
+        counts_total = [c.to(device) for c in counts_total]
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
             log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_path is not None else None)
-        tel = _start_telemetry(cfg, groups, model, info.local_rank)
+        tel = _start_telemetry(cfg, groups, model, info.local_rank, device)
+        if tel is not None and is_main and (where := tel.serving()):
+            console.say(where)
         loggers = open_loggers(cfg, is_main, start_step if resume_path is not None else None)
         prof = StepProfiler(cfg.run.profile, run_dir, groups.rank, device)
         util = Utilization.for_run(cfg, model, device, groups, console.say)  # peak memory, MFU
@@ -192,19 +210,51 @@ def train(
             f"{cfg.run.name}: {engine.describe()}, world {groups.world_size}"
             f" = DP {groups.dp_size} x EP {groups.ep_size}, device {device}, data: {batches.source}"
         )
+        console.say(f"run directory: {run_dir.resolve()}")
         result = TrainResult(run_dir=run_dir, start_step=start_step)
         tokens_per_step = tokens_per_optimizer_step(cfg, groups)
+        buffer = StepBuffer(moe_blocks)
         t_run = time.perf_counter()
         step = start_step
+
+        def flush() -> None:
+            """Read back and log the steps since the last flush (ONE transfer; collective: the
+            peak memory of every rank is gathered with it)."""
+            rows = buffer.flush()
+            if not rows:
+                return
+            mem_W = util.all_ranks_peak_memory(groups)
+            for row in rows:
+                result.losses[row.step] = row.loss
+                if row.skipped:
+                    result.skipped_steps.append(row.step)
+                    console.say(
+                        f"step {row.step}: non-finite loss or gradient norm on some rank; update skipped"
+                    )
+                record = step_record(
+                    row, tokens_per_step, util.fields(mem_W, tokens_per_step / row.step_seconds)
+                )
+                if row.step in result.val_losses:
+                    record["val_loss"] = result.val_losses[row.step]
+                record["elapsed_s"] = time.perf_counter() - t_run
+                if log is not None:
+                    log.write(record)
+                if loggers is not None:
+                    loggers.write(record)
+                if tel is not None and row is rows[-1]:
+                    tel.set_losses({"loss": row.loss, **row.aux})
+            console.log(
+                record,
+                interval_tokens_per_s=tokens_per_step / rows[-1].step_seconds,
+                skipped=len(result.skipped_steps),
+            )
 
         # ---- 3. loop
         for step in range(start_step + 1, cfg.schedule.steps + 1):
             prof.before(step)
-            t0 = time.perf_counter()
             lr = lr_at(step - 1, cfg.optim, cfg.schedule)
             engine.set_lr(lr)
-            # a. micro-batches
-            # sums stay on the device: one host sync per step, in the reduction below
+            # a. micro-batches; the sums stay on the device
             task_sum = torch.zeros((), dtype=torch.float64, device=device)
             aux_sums: dict[str, torch.Tensor] = {}
             for micro in range(cfg.data.grad_accum):
@@ -213,77 +263,49 @@ def train(
                 task_sum += task.detach().double()
                 for k, v in aux_terms.items():
                     aux_sums[k] = aux_sums.get(k, 0.0) + v.detach().double()
-            # b. gradients
-            grad_norm = float(engine.clip_grad_norm())
+            # b. gradients: reduced, clipped, their norm kept on the device; loss terms over ranks
+            grad_norm = engine.clip_grad_norm()
             names = sorted(aux_sums)
-            local = [task_sum, *(aux_sums[k] for k in names)]
-            dropped_local = [layer.gate.dropped_tokens.double() for layer in model.moe_layers()]
-            dropped_L = torch.stack(dropped_local) if dropped_local else torch.zeros(0, dtype=torch.float64)
-            mem_W = util.memory_slots(dropped_L.device)  # every rank's peak memory, in the same collective
-            means = _all_reduce_mean(
-                torch.stack(local) / cfg.data.grad_accum, torch.cat([dropped_L, mem_W]), groups
-            )
-            loss, aux_mean = means[0], dict(zip(names, means[1 : 1 + len(names)]))
-            dropped, mem_W = means[1 + len(names) : -len(mem_W)], means[-len(mem_W) :]
-            # c. non-finite guard: reduced loss terms and the global norm are the same on every rank
-            skipped = not all(math.isfinite(v) for v in (loss, *aux_mean.values(), grad_norm))
-            # d. update
-            if skipped:
-                engine.skip()
-                result.skipped_steps.append(step)
-                console.say(f"step {step}: non-finite loss ({loss}) or grad norm ({grad_norm}); step skipped")
-            else:
-                engine.step()
-            global_counts = finish_step(model.moe_layers(), groups)
-            step_seconds = time.perf_counter() - t0
-            # e. log, evaluate, checkpoint
-            for total, c in zip(counts_total, global_counts.counts_E):
-                total += c.detach().double().cpu()
-            result.losses[step] = loss
-            tok_s = tokens_per_step / step_seconds
+            local_A = torch.stack([task_sum, *(aux_sums[k] for k in names)]) / cfg.data.grad_accum
+            losses_A = _all_reduce_mean(local_A, groups)
+            # c. non-finite guard as a device flag (group-wide values: every rank decides alike)
+            nonfinite = ~(torch.isfinite(losses_A).all() & torch.isfinite(grad_norm.to(losses_A.device)))
+            # d. update unless flagged, then the step hook
+            engine.step(nonfinite)
+            counts = finish_step(model.moe_layers(), groups)
+            for total, c in zip(counts_total, counts.counts_E):
+                total += c.detach().to(total.device, torch.float64)
+            buffer.add(step, lr, names, losses_A, grad_norm, nonfinite, counts.counts_E, counts.dropped)
             if tel is not None:
-                tel.on_step(
-                    step,
-                    model.moe_layers(),
-                    global_counts,
-                    step_seconds=step_seconds,
-                    tokens=tokens_per_step // groups.world_size,
-                    losses={"loss": loss, **aux_mean},
-                )
-            record: dict[str, Any] = {
-                "step": step,
-                "loss": loss,
-                "aux": aux_mean,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": step * tokens_per_step,
-                "tokens_per_s": tok_s,
-                "step_seconds": step_seconds,
-                "skipped": skipped,
-                **util.fields(mem_W, tok_s),
-            }
-            if log is not None:
-                record["layers"] = [
-                    layer_record(b, c.detach().float().cpu(), d)
-                    for b, c, d in zip(moe_blocks, global_counts.counts_E, dropped)
-                ]
+                tel.on_step(step, model.moe_layers(), counts, tokens=tokens_per_step // groups.world_size)
+            # e. log, evaluate, checkpoint: the only steps that read values back
             last = step == cfg.schedule.steps
-            if (cfg.eval.every and step % cfg.eval.every == 0) or last:
-                record["val_loss"] = result.val_losses[step] = evaluate(
-                    engine.evaluate_model, batches, cfg.eval.batches, groups, device, engine.autocast
-                )
-            record["elapsed_s"] = time.perf_counter() - t_run
-            if log is not None:
-                log.write(record)
-            if loggers is not None:
-                loggers.write(record)
-            extra = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
-            console.step(step, loss, lr, tok_s, extra)
+            evaluating = last or bool(cfg.eval.every and step % cfg.eval.every == 0)
+            saving = last or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+            stopping = stop_after is not None and step >= stop_after
+            if evaluating:
+                with buffer.paused():  # evaluation is not step time
+                    result.val_losses[step] = evaluate(
+                        engine.evaluate_model, batches, cfg.eval.batches, groups, device, engine.autocast
+                    )
+            if evaluating or saving or stopping or step % cfg.run.log_every == 0:
+                flush()
+            console.progress(step, result.losses)
             prof.after(step)
-            if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                trainer_state = {"counts": [c.tolist() for c in counts_total]}
-                engine.save(ckpt_root, step, trainer_state, cfg.checkpoint.keep)
-            if stop_after is not None and step >= stop_after:
+            # f. preemption (SIGTERM, SIGUSR1) or run.max_minutes: the same answer on every rank
+            result.stop_reason = stop.stop_reason(step)
+            if result.stop_reason is not None and not saving:
+                flush()
+                saving = True
+            if saving:
+                with buffer.paused():
+                    trainer_state = {"counts": [c.tolist() for c in counts_total]}
+                    engine.save(ckpt_root, step, trainer_state, cfg.checkpoint.keep)
+                console.say(f"checkpoint: step {step} saved in {ckpt_root / step_dir_name(step)}")
+            if result.stop_reason is not None:
+                console.say(f"{result.stop_reason}; resume with --resume (exit code {EXIT_RESUMABLE})")
+                break
+            if stopping:
                 break
 
         # ---- 4. end
@@ -293,7 +315,7 @@ def train(
         steps_run = max(0, step - start_step)
         result.tokens_per_s = steps_run * tokens_per_step / result.seconds if steps_run else 0.0
         result.counts_per_layer = [c.tolist() for c in counts_total]
-        if steps_run == 0 and not result.val_losses:  # resumed at the end: just evaluate
+        if steps_run == 0 and not result.val_losses and result.stop_reason is None:  # resumed at the end
             result.val_losses[step] = evaluate(
                 engine.evaluate_model, batches, cfg.eval.batches, groups, device, engine.autocast
             )
@@ -303,7 +325,7 @@ def train(
             result,
             groups,
             moe_blocks,
-            is_main and stop_after is None,
+            is_main and stop_after is None and result.stop_reason is None,
             engine=engine.summary_fields,
             checkpoints=ckpt_root,
         )
@@ -321,5 +343,7 @@ def train(
         if tel is not None:
             with contextlib.suppress(Exception):
                 tel.close({"error": True})
+        if stop is not None:
+            stop.close()
         if own_pg:
             shutdown_distributed()

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.training.step_buffer import StepRecord
 
 
 @dataclass
@@ -28,17 +27,29 @@ class TrainResult:
     tokens_per_s: float = 0.0
     seconds: float = 0.0
     counts_per_layer: list[list[float]] = field(default_factory=list)  # whole-run global counts
+    stop_reason: str | None = None  # set when a signal or run.max_minutes ended the run early
 
     @property
     def final_val_loss(self) -> float | None:
         return self.val_losses[max(self.val_losses)] if self.val_losses else None
 
 
-def layer_record(block_index: int, counts_E: torch.Tensor, dropped: float) -> dict[str, Any]:
-    """One MoE layer's entry in a metrics.jsonl record: its global counts and load summary."""
-    from moe_dist.metrics import load_summary  # noqa: PLC0415 - metrics is optional at import time
-
-    return {"layer": block_index, "counts": counts_E.tolist(), **load_summary(counts_E, dropped)}
+def step_record(row: StepRecord, tokens_per_step: int, utilization: dict[str, Any]) -> dict[str, Any]:
+    """One optimizer step's line of metrics.jsonl (docs/metrics_log.md) from its read-back values;
+    ``utilization``: peak memory and MFU (``Utilization.fields``)."""
+    return {
+        "step": row.step,
+        "loss": row.loss,
+        "aux": row.aux,
+        "lr": row.lr,
+        "grad_norm": row.grad_norm,
+        "tokens": row.step * tokens_per_step,
+        "tokens_per_s": tokens_per_step / row.step_seconds if row.step_seconds > 0 else 0.0,
+        "step_seconds": row.step_seconds,
+        "skipped": row.skipped,
+        **utilization,
+        "layers": row.layers,
+    }
 
 
 def end_summary(

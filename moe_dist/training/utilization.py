@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from moe_dist.config import Config
 from moe_dist.parallel.groups import ParallelGroups
@@ -130,12 +131,15 @@ class Utilization:
         u.flops_per_token, u.peak_flops = flops_per_token(model, cfg), peak * 1e12
         return u
 
-    def memory_slots(self, device: torch.device) -> torch.Tensor:
-        """``[world]`` zeros (float64, on ``device``) with this rank's peak memory in its slot:
-        summed over ranks by the loop's one reduction, it becomes every rank's peak."""
-        slots = torch.zeros(self.world_size, dtype=torch.float64, device=device)
+    def all_ranks_peak_memory(self, groups: ParallelGroups) -> list[float]:
+        """Every rank's peak memory so far (index = rank), on the steps that log (collective):
+        this rank's value in its slot of a ``[world]`` vector, summed over ranks."""
+        slots = torch.zeros(self.world_size, dtype=torch.float64)
         slots[self.rank] = float(peak_memory_bytes(self.device))
-        return slots
+        if groups.distributed:
+            slots = slots.to(self.device) if dist.get_backend() == "nccl" else slots
+            dist.all_reduce(slots)
+        return slots.tolist()
 
     def fields(self, memory_W: list[float], tokens_per_s: float) -> dict[str, Any]:
         """The record's ``peak_memory_bytes`` (per rank) and, on CUDA, ``mfu``."""
