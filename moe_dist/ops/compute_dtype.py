@@ -7,12 +7,13 @@ Mixtral-like shapes on an H200, measured). Every custom op therefore asks ``comp
 casts its operands itself.
 
 ``cast_weight(w, dtype)`` is that cast for a parameter, made once per optimizer update instead
-of once per call: the cast copy is kept beside the parameter, keyed by the parameter's version
-counter and storage (every in-place update, the optimizer's step or a checkpoint load, bumps
-the counter), so every
-micro-batch, layer call and activation-recompute of a step reuses it. Its backward hands the
-gradient back in the parameter's dtype, so gradients accumulate in fp32 across micro-batches.
-The copy costs ``numel * 2`` bytes of memory per bf16 weight between steps.
+of once per call: the cast copy is kept beside the parameter and reused by every micro-batch,
+layer call and activation recompute until the weight changes. A change is seen by the
+parameter's version counter and storage (an in-place op, ``copy_`` of a checkpoint load) or by
+any torch optimizer's step (a global step post-hook bumps a generation count: fused AdamW
+updates the weights in place WITHOUT bumping their version counters, measured on torch 2.13).
+Its backward hands the gradient back in the parameter's dtype, so gradients accumulate in fp32
+across micro-batches. The copy costs ``numel * 2`` bytes of memory per bf16 weight between steps.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_GENERATION = [0]  # bumped after every optimizer step
+
+
+def _weights_updated(*_: Any) -> None:
+    _GENERATION[0] += 1
+
+
+register_optimizer_step_post_hook(_weights_updated)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -49,7 +60,7 @@ def cast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if w.dtype == dtype:
         return w
     cached = getattr(w, "_moe_cast", None)
-    key = (w._version, w.data_ptr(), dtype)
+    key = (w._version, w.data_ptr(), dtype, _GENERATION[0])
     if cached is None or cached[0] != key:
         with torch.no_grad():
             cached = (key, w.detach().to(dtype))

@@ -111,6 +111,15 @@ class LPRConfig(RouterConfig):
     init_std: float = Field(0.02, gt=0.0, description="Hugging Face initializer_range (init: hf)")
 
 
+def _as(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if p is None else p.to(x.dtype)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` in ``x``'s dtype (the layer's weights cast, differentiably)."""
+    return F.linear(x, _as(layer.weight, x), _as(layer.bias, x))
+
+
 def diversity(v_MD: torch.Tensor, kind: str) -> torch.Tensor:
     """D(V): how far the rows of V are from mutually orthogonal (official DiversityRegularizer)."""
     M = v_MD.shape[0]
@@ -164,8 +173,11 @@ class LPRRouter(Router):
         self.ema_counts_E.zero_()
 
     def encode(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z, mu, logvar); z = mu outside training."""
-        mu_TD, logvar_TD = self.encoder(F.silu(self.norm(x_TH))).chunk(2, dim=-1)
+        """(z, mu, logvar); z = mu outside training. In ``x_TH``'s dtype whatever the
+        parameters' (a bf16 module computes its router in fp32, see ``forward``)."""
+        n = self.norm
+        h_TH = F.layer_norm(x_TH, n.normalized_shape, _as(n.weight, x_TH), _as(n.bias, x_TH), n.eps)
+        mu_TD, logvar_TD = _linear(self.encoder, F.silu(h_TH)).chunk(2, dim=-1)
         if self.training:
             z_TD = mu_TD + torch.randn_like(mu_TD) * torch.exp(0.5 * logvar_TD)
         else:
@@ -186,7 +198,8 @@ class LPRRouter(Router):
 
     def forward(self, x_TH: torch.Tensor) -> Routing:
         # The whole router in fp32 (fp64 kept, for gradcheck), even inside a bf16 autocast
-        # region: cosines and top-k near ties are sensitive to rounding.
+        # region or a module cast to bf16 (Megatron-Core, DeepSpeed bf16): cosines and top-k near
+        # ties are sensitive to rounding. Parameters are cast to it, gradients flow back.
         with torch.autocast(x_TH.device.type, enabled=False):
             routing = self._route(x_TH.to(torch.promote_types(x_TH.dtype, torch.float32)))
         if routing.expert_input_delta_TH is not None:
@@ -205,7 +218,7 @@ class LPRRouter(Router):
 
         delta_TH = None
         if cfg.add_decoded_latent:
-            delta_TH = self.out_proj(scores_TE.softmax(dim=-1) @ keys_ED)
+            delta_TH = _linear(self.out_proj, scores_TE.softmax(dim=-1) @ keys_ED)
 
         # Alignment target: hard-ish routing weights over all E (zeros elsewhere, then softmax).
         w_TE = torch.zeros_like(scores_TE).scatter(1, experts_TK, vals_TK).softmax(dim=-1).detach()
@@ -244,9 +257,10 @@ class LPRRouter(Router):
             sums_ED, counts_E = flat[: sums_ED.numel()].view_as(sums_ED), flat[sums_ED.numel() :]
         self.step_sums_ED.zero_()
         self.step_counts_E.zero_()
-        if counts_E.sum() == 0:
-            return  # no training forward since the last step
-        d = self.cfg.ema_decay
-        self.ema_sums_ED.mul_(d).add_(sums_ED, alpha=1 - d)
-        self.ema_counts_E.mul_(d).add_(counts_E, alpha=1 - d)
-        self.expert_keys.copy_(self.ema_sums_ED / self.ema_counts_E.clamp(min=1e-6).unsqueeze(1))
+        # no training forward since the last step: nothing changes (decided on the device, so
+        # the step hook never waits for it)
+        d = torch.where(counts_E.sum() > 0, self.cfg.ema_decay, 1.0).to(self.ema_sums_ED.dtype)
+        self.ema_sums_ED.mul_(d).add_(sums_ED * (1 - d))
+        self.ema_counts_E.mul_(d).add_(counts_E * (1 - d))
+        keys_ED = self.ema_sums_ED / self.ema_counts_E.clamp(min=1e-6).unsqueeze(1)
+        self.expert_keys.copy_(torch.where(d < 1, keys_ED.to(self.expert_keys.dtype), self.expert_keys))

@@ -101,9 +101,10 @@ class TopKSigmoidBiasRouter(LinearGateRouter):
 
     @torch.no_grad()
     def after_step(self, global_counts_E: torch.Tensor) -> None:
-        """``bias_i += rate * sign(mean(c) - c_i)``; a step with no tokens changes nothing."""
+        """``bias_i += rate * sign(mean(c) - c_i)``; a step with no tokens changes nothing (every
+        sign is 0 then: no host read of the counts is needed to tell)."""
         counts_E = global_counts_E.to(self.expert_bias_E)
-        if self.cfg.bias_update_rate == 0 or counts_E.sum() == 0:
+        if self.cfg.bias_update_rate == 0:
             return
         self.expert_bias_E.add_(self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E))
 

@@ -139,7 +139,8 @@ def test_saves_only_inputs_and_pre_activations(path: str) -> None:
     X = sum(COUNTS)
     w1, w3, w2 = _weights(torch.float32, True)
     w13 = _fused(w1, w3).requires_grad_()  # type: ignore[arg-type]
-    leaves = [torch.randn(X, H, requires_grad=True), w13, w2.requires_grad_(), torch.rand(X, requires_grad=True)]  # type: ignore[union-attr]
+    x, s_ = torch.randn(X, H, requires_grad=True), torch.rand(X, requires_grad=True)
+    leaves = [x, w13, w2.requires_grad_(), s_]  # type: ignore[union-attr]
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         x, w13_, w2_, scale = leaves
