@@ -89,6 +89,11 @@ class ModelConfig(Section):
     dense_ffn_hidden_size: int = Field(512, ge=1)
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block (torchtitan's per-block compile), the MoE "
+        "layer left to its own kernels; off until measured on a GPU",
+    )
     moe: MoEConfig = Field(default_factory=MoEConfig)
 
     @model_validator(mode="after")

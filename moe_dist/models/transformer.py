@@ -110,6 +110,14 @@ class MoETransformer(nn.Module):
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
             nn.init.normal_(self.output.weight, std=0.02)
 
+    def compile_blocks(self) -> None:
+        """``model.compile``: each block becomes its own compiled module (torchtitan's
+        ``apply_compile``: a graph per block, one compile reused by every block of the same
+        shapes). The MoE layer inside runs eagerly (``MoELayer.forward``), so the compiled
+        graphs are attention, norms and residuals."""
+        for block in self.blocks:
+            block.compile()
+
     def moe_layers(self) -> list[HasGate]:
         """The MoE FFNs in block order; each exposes its `Gate` (router, losses, statistics) as ``.gate``."""
         return [b.ffn for b in self.blocks if b.is_moe]  # type: ignore[misc]

@@ -69,6 +69,8 @@ class NativeEngine:
         self.format = cfg.checkpoint.resolved_format(self.mode)
         self.device = device
         self.model = build_model(cfg.model, groups, seed=cfg.run.seed).to(device)
+        if cfg.model.compile:
+            self.model.compile_blocks()  # before FSDP wraps the blocks, as torchtitan orders it
         self.model.train()
         self.counted = self.model.num_params()  # before FSDP turns the weights into shards
         self.evaluate_model = self.model
