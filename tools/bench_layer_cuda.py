@@ -87,10 +87,16 @@ def _cuda_peak_bytes(step: Callable[[], None]) -> int:
 
 
 def _megatron_impl(x: torch.Tensor, gy: torch.Tensor, H: int, Fh: int, E: int, K: int) -> Impl:
+    """Megatron-Core's own MoELayer (its router), from the MoE submodules of its GPT layer spec:
+    ``get_moe_module_spec`` changed form in 0.19 (a ``functools.partial``; calling ``.module`` on
+    it fails), so the submodules are taken from the layer spec as our adapter does
+    (``moe_submodules``), which works on 0.16 and 0.19."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from moe_dist.integrations.megatron import moe_submodules
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -125,8 +131,13 @@ def _megatron_impl(x: torch.Tensor, gy: torch.Tensor, H: int, Fh: int, E: int, K
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
     )
-    spec = get_moe_module_spec(use_te=use_te, num_experts=E, moe_grouped_gemm=use_te)
-    moe = build_module(spec, config=config).cuda()
+    make = (
+        gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec
+        if use_te
+        else gpt_layer_specs.get_gpt_layer_local_spec
+    )
+    mlp_spec = make(num_experts=E, moe_grouped_gemm=use_te).submodules.mlp
+    moe = MegatronMoELayer(config, moe_submodules(mlp_spec), layer_number=1).cuda()
     x_SBH = x.detach().view(-1, 1, H).requires_grad_()
     gy_SBH = gy.view(-1, 1, H)
 

@@ -303,6 +303,11 @@ class RunConfig(Section):
         True, description="CPU runs: keep freed host memory mapped, no page faults per step (host_memory.py)"
     )
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    sync_debug: Literal["off", "warn", "error"] = Field(
+        "off",
+        description="CUDA: torch.cuda.set_sync_debug_mode around every step that neither logs, evaluates "
+        "nor saves (from the third step on): warn or raise at any host synchronisation in it",
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="the device's peak TFLOP/s for MFU (default: a table of GPUs, flops.py)"
     )

@@ -153,6 +153,25 @@ class MoeDistRouter(TopKRouter):
         return probs_TE, routing_map_TE
 
 
+@torch.no_grad()
+def copy_experts_to_megatron(native: nn.Module, layer: nn.Module) -> None:
+    """A native ``MoELayer``'s router state and experts into Megatron-Core's ``MoELayer`` with
+    `MoeDistRouter` and ``SequentialMLP`` experts: ``linear_fc1.weight = w13[i]^T`` (Megatron's
+    gated fc1 is [gate; up] along its output rows, our fused ``[w1 | w3]`` transposed, no
+    reordering) and ``linear_fc2.weight = w2[i]^T``. Both place global expert ``ep_rank * e + i``
+    at local index ``i``."""
+    layer.router.gate.router.load_state_dict(native.gate.router.state_dict())
+    ex = native.experts
+    local = layer.experts.local_experts
+    if len(local) != ex.num_local_experts:
+        raise ValueError(
+            f"copy_experts_to_megatron: {len(local)} Megatron experts, native has {ex.num_local_experts}"
+        )
+    for i, mlp in enumerate(local):
+        mlp.linear_fc1.weight.copy_(ex.w13_eHG[i].t())
+        mlp.linear_fc2.weight.copy_(ex.w2_eFH[i].t())
+
+
 def router_builder(moe_cfg: MoEConfig) -> Any:
     """What goes into ``MoESubmodules.router``: `MoeDistRouter` bound to ``moe_cfg``."""
     return functools.partial(MoeDistRouter, moe_cfg=moe_cfg)

@@ -44,6 +44,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,6 +69,7 @@ from moe_dist.training.profiling import StepProfiler
 from moe_dist.training.step_buffer import StepBuffer
 from moe_dist.training.step_hook import finish_step
 from moe_dist.training.summary import TrainResult, end_summary, step_record
+from moe_dist.training.sync_debug import SyncDebug
 from moe_dist.training.utilization import Utilization
 
 
@@ -142,6 +144,30 @@ def _start_telemetry(
         # timing synchronises a CUDA device around each phase: there only when asked for
         layer.gate.timing = tel.wants_timing if tel.wants_timing is not None else device.type != "cuda"
     return tel
+
+
+@dataclass
+class StepEvents:
+    """What a step does besides training; any of them reads values back from the device."""
+
+    log: bool
+    evaluate: bool
+    save: bool
+    stop_after: bool  # ``train(stop_after=)``: end here as if killed
+
+    @property
+    def reads_back(self) -> bool:
+        return self.log or self.evaluate or self.save or self.stop_after
+
+    @classmethod
+    def of(cls, step: int, cfg: Config, stop_after: int | None) -> StepEvents:
+        last = step == cfg.schedule.steps
+        return cls(
+            log=step % cfg.run.log_every == 0,
+            evaluate=last or bool(cfg.eval.every and step % cfg.eval.every == 0),
+            save=last or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0),
+            stop_after=stop_after is not None and step >= stop_after,
+        )
 
 
 def train(
@@ -249,9 +275,13 @@ def train(
                 skipped=len(result.skipped_steps),
             )
 
+        sync_debug = SyncDebug(cfg.run.sync_debug, device)
+
         # ---- 3. loop
         for step in range(start_step + 1, cfg.schedule.steps + 1):
             prof.before(step)
+            events = StepEvents.of(step, cfg, stop_after)
+            steady = sync_debug.enter(step, start_step, events.reads_back)
             lr = lr_at(step - 1, cfg.optim, cfg.schedule)
             engine.set_lr(lr)
             # a. micro-batches; the sums stay on the device
@@ -278,17 +308,15 @@ def train(
             buffer.add(step, lr, names, losses_A, grad_norm, nonfinite, counts.counts_E, counts.dropped)
             if tel is not None:
                 tel.on_step(step, model.moe_layers(), counts, tokens=tokens_per_step // groups.world_size)
+            sync_debug.leave(steady)
             # e. log, evaluate, checkpoint: the only steps that read values back
-            last = step == cfg.schedule.steps
-            evaluating = last or bool(cfg.eval.every and step % cfg.eval.every == 0)
-            saving = last or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-            stopping = stop_after is not None and step >= stop_after
-            if evaluating:
+            saving = events.save
+            if events.evaluate:
                 with buffer.paused():  # evaluation is not step time
                     result.val_losses[step] = evaluate(
                         engine.evaluate_model, batches, cfg.eval.batches, groups, device, engine.autocast
                     )
-            if evaluating or saving or stopping or step % cfg.run.log_every == 0:
+            if events.reads_back:
                 flush()
             console.progress(step, result.losses)
             prof.after(step)
@@ -305,7 +333,7 @@ def train(
             if result.stop_reason is not None:
                 console.say(f"{result.stop_reason}; resume with --resume (exit code {EXIT_RESUMABLE})")
                 break
-            if stopping:
+            if events.stop_after:
                 break
 
         # ---- 4. end

@@ -43,11 +43,12 @@ def test_ep1_layer_on_cuda_never_syncs_and_matches_cpu() -> None:
     assert not compile_failures(), compile_failures()
     gpu.zero_grad(set_to_none=True)
     x_gpu.grad = None
+    gy_gpu = gy.to("cuda", torch.bfloat16)  # the test's own copy, before the checked region
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
     try:
         y_gpu, aux_gpu = gpu(x_gpu)
-        ((y_gpu * gy.to(y_gpu)).sum() + sum(aux_gpu.values())).backward()
+        ((y_gpu * gy_gpu).sum() + sum(aux_gpu.values())).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(y_gpu.float().cpu(), y_cpu.detach(), rtol=3e-2, atol=3e-2)

@@ -36,9 +36,9 @@ def megatron_world():  # noqa: ANN201
 def build(router: dict, losses: list[dict]):  # noqa: ANN201
     from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
     from megatron.core.transformer.transformer_config import TransformerConfig
-    from test_integration_megatron import copy_native_into_megatron
 
     from moe_dist.integrations.megatron import (
+        copy_experts_to_megatron,
         get_gpt_layer_spec_with_router,
         moe_submodules,
         transformer_config_fields,
@@ -60,7 +60,7 @@ def build(router: dict, losses: list[dict]):  # noqa: ANN201
     layer.set_layer_number(1)
     torch.manual_seed(0)
     native = MoELayer(cfg, H).cuda()
-    copy_native_into_megatron(native, layer)
+    copy_experts_to_megatron(native, layer)
     return layer, native
 
 

@@ -183,7 +183,11 @@ def _layer_case(router: dict, losses: list[dict], capacity_factor: float | None)
     """Megatron's whole MoELayer (allgather, SequentialMLP) with our router vs our native MoELayer."""
     from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
 
-    from moe_dist.integrations.megatron import get_gpt_layer_spec_with_router, moe_submodules
+    from moe_dist.integrations.megatron import (
+        copy_experts_to_megatron,
+        get_gpt_layer_spec_with_router,
+        moe_submodules,
+    )
     from moe_dist.layers.moe_layer import MoELayer
 
     cfg = moe_config(router, losses, capacity_factor)
@@ -192,7 +196,7 @@ def _layer_case(router: dict, losses: list[dict], capacity_factor: float | None)
     layer.set_layer_number(1)
     torch.manual_seed(0)
     native = MoELayer(cfg, H)
-    copy_native_into_megatron(native, layer)
+    copy_experts_to_megatron(native, layer)
     torch.manual_seed(1)
     x_SBH = torch.randn(5, 3, H)
     xs = [x_SBH.clone().requires_grad_(True), x_SBH.transpose(0, 1).contiguous().requires_grad_(True)]
@@ -209,16 +213,6 @@ def _layer_case(router: dict, losses: list[dict], capacity_factor: float | None)
 
 
 @torch.no_grad()
-def copy_native_into_megatron(native, layer) -> None:  # noqa: ANN001
-    """Router state, and SequentialMLP experts: fc1 = [w1; w3]^T (gated), fc2 = w2^T."""
-    layer.router.gate.router.load_state_dict(native.gate.router.state_dict())
-    ex = native.experts
-    for i, mlp in enumerate(layer.experts.local_experts):
-        fc1 = ex.w1_eHF[i].t() if ex.w3_eHF is None else torch.cat([ex.w1_eHF[i].t(), ex.w3_eHF[i].t()])
-        mlp.linear_fc1.weight.copy_(fc1)
-        mlp.linear_fc2.weight.copy_(ex.w2_eFH[i].t())
-
-
 def test_spec_forms_get_our_router_without_touching_the_original() -> None:
     """Spec forms: 0.16 ``ModuleSpec(MoELayer, submodules=..)``, 0.19 ``partial(MoELayer, ..)``."""
     import functools
