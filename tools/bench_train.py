@@ -1,6 +1,9 @@
 """Training throughput of a named config on one device: tokens/s, MFU, peak memory, a per-step breakdown.
 
-``python tools/bench_train.py CONFIG [--set k=v ...] [--steps 20] [--warmup 5] [--out FILE.json]``
+``python tools/bench_train.py CONFIG [--set k=v ...] [--arm NAME] [--steps N] [--out FILE.json]``
+
+CONFIG is a training config or a comparison preset (``configs/compare/*.yaml``: its baseline arm,
+or ``--arm``, on the preset's model).
 
 One process (EP = 1, DP = 1), the native engine exactly as ``moe-dist train`` builds it (model,
 ``run.precision``, fused AdamW, gradient reduction and clipping, step hook), on the config's own
@@ -33,7 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe_dist.config import ConfigError, load_config  # noqa: E402
+from moe_dist.compare.presets import split_compare_file  # noqa: E402
+from moe_dist.compare.variants import apply_variant  # noqa: E402
+from moe_dist.config import (  # noqa: E402
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    read_yaml,
+)
 from moe_dist.data.batches import TokenBatches  # noqa: E402
 from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
 from moe_dist.training.native_engine import NativeEngine  # noqa: E402
@@ -118,9 +130,27 @@ def _busy_and_span(run: Callable[[], None], steps: int) -> tuple[float, float]:
     return busy_us / 1e6, max(span_us / 1e6, busy_us / 1e6)
 
 
-def bench(config: str, overrides: list[str], steps: int, warmup: int, profile_steps: int) -> dict[str, Any]:
+def training_config(path: str, overrides: list[str], arm: str | None) -> Config:
+    """The config of ``path``, one process; a comparison preset gives its baseline arm (or ``arm``)."""
     sets = ["parallel.ep_size=1", "parallel.data_parallel=replicate", *overrides]
-    cfg = load_config(config, sets, world_size=1)
+    if "compare" not in read_yaml(path):
+        return load_config(path, sets, world_size=1)
+    base, section = split_compare_file(path)
+    name = arm or section.baseline or next(iter(section.arms), None)
+    variants = section.variants()
+    if name not in variants:
+        raise ConfigError([f"--arm: {name!r} is not an arm of the preset ({', '.join(variants)})"], path)
+    data = apply_variant(base, variants[name])
+    errors = apply_overrides(data, [*variants[name].overrides, *sets])
+    if errors:
+        raise ConfigError(errors, path)
+    return config_from_dict(data, path, 1)
+
+
+def bench(
+    config: str, overrides: list[str], steps: int, warmup: int, profile_steps: int, arm: str | None = None
+) -> dict[str, Any]:
+    cfg = training_config(config, overrides, arm)
     device = pick_device(cfg.run.device, 0)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -142,6 +172,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, profile_st
     tokens = cfg.data.grad_accum * cfg.data.micro_batch_size * cfg.data.seq_len
     out: dict[str, Any] = {
         "config": config,
+        "arm": arm,
         "overrides": overrides,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -196,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config", help="a training config, e.g. configs/models/mixtral_gpu.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--arm", default=None, help="a comparison preset's arm (default: its baseline)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--profile-steps", type=int, default=3, help="CUDA: profiled steps for the host gaps")
@@ -204,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:
         p.error("--steps must be >= 1, --warmup and --profile-steps >= 0")
     try:
-        out = bench(args.config, args.overrides, args.steps, args.warmup, args.profile_steps)
+        out = bench(args.config, args.overrides, args.steps, args.warmup, args.profile_steps, args.arm)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

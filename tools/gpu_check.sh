@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, on a bare GPU machine (tests/gpu/README.md). Under 6 minutes on
+# one H100/H200. Writes every result under $OUT (default runs/gpu_check):
+#   env.json                  device, torch, CUDA, the packages used
+#   tests_gpu.xml, tests_gpu.log   pytest tests/gpu (JUnit XML and the log)
+#   bench_layer_cuda.json     the MoE layer against Megatron-Core and a bf16 GEMM, three shapes
+#   bench_train_<name>.json   tools/bench_train.py: tokens/s, MFU, peak memory, breakdown, host gaps
+#   summary.txt               one line per check with its exit code
+# Usage:  tools/gpu_check.sh [--dry-run]     (from the repository root)
+# Missing Python packages (pydantic, megatron-core) are installed from the ignored .whl/ folder
+# when the machine has no package index (how to fill it: tests/gpu/README.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+PY=${PYTHON:-python3}
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+mkdir -p "$OUT"
+: > "$OUT/summary.txt"
+
+# 1. packages: from .whl/ into a private target dir when they are missing
+have() { $PY -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('$1') else 1)"; }
+if ! { have pydantic && have megatron; } && [ -d .whl ]; then
+  echo "installing $(ls .whl/*.whl | wc -l) wheels from .whl/"
+  [ $DRY = 1 ] || $PY -m pip install -q --no-index --no-deps --target .whl/site .whl/*.whl
+  export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+check() {  # check NAME TIMEOUT_S COMMAND...: run it, record its exit code, never stop the script
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*"
+  if [ $DRY = 1 ]; then echo "$name dry-run" >> "$OUT/summary.txt"; return; fi
+  local t0=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" >> "$OUT/summary.txt"
+}
+
+# 2. what ran where
+check env 60 $PY -c "
+import json, sys, torch
+info = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'python': sys.version.split()[0],
+        'device': torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+for mod in ('megatron.core', 'transformers', 'pydantic'):
+    try:
+        m = __import__(mod, fromlist=['__version__']); info[mod] = getattr(m, '__version__', '?')
+    except ImportError as exc:
+        info[mod] = 'missing: %s' % exc
+json.dump(info, open('$OUT/env.json', 'w'), indent=1); print(info)"
+
+# 3. tests/gpu
+check tests_gpu 150 $PY -m pytest -q -p no:cacheprovider tests/gpu -o addopts= \
+  --junitxml "$OUT/tests_gpu.xml" 2>&1 | tee "$OUT/tests_gpu.log"
+
+# 4. the layer against Megatron-Core and the GEMM ceiling
+check bench_layer_cuda 120 $PY tools/bench_layer_cuda.py --iters 10 --out "$OUT/bench_layer_cuda.json"
+
+# 5. training throughput of the GPU configs (the byte-level stdlib corpus: throughput does not
+#    depend on the text, and the machine needs no prepared data)
+BYTES=(--set data.paths=[] --set data.tokenizer.kind=bytes --set data.max_bytes=4000000)
+for cfg in configs/models/mixtral_gpu.yaml configs/models/qwen3_moe_gpu.yaml \
+           configs/models/deepseek_v3_gpu.yaml configs/compare/simbal_paper_gpu.yaml; do
+  name=$(basename "$cfg" .yaml)
+  check "bench_train_$name" 100 $PY tools/bench_train.py "$cfg" "${BYTES[@]}" --steps 10 --warmup 3 \
+    --out "$OUT/bench_train_$name.json"
+done
+
+echo "== summary ($OUT/summary.txt)"
+cat "$OUT/summary.txt"
+! grep -qv "rc=0\|dry-run" "$OUT/summary.txt"
