@@ -1,6 +1,10 @@
 """The balancing-loss contract: `Load` (what a loss may know about token counts) and `BalancingLoss`.
 
 Shape legend: T tokens on this rank, E experts (global), K slots per token.
+
+Every loss declares its `LossSemantics` (``balancing/semantics.py``): the batch it is computed
+over and so what the training loop optimises under data parallelism, expert parallelism and
+gradient accumulation.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moe_dist.balancing.semantics import MICRO_BATCH, LossSemantics
 from moe_dist.routing.base import Router, Routing
+
+__all__ = ["BalancingLoss", "CountNormalizedLossConfig", "Load", "LossConfig", "LossSemantics"]
 
 
 class LossConfig(BaseModel):
@@ -79,11 +86,18 @@ class BalancingLoss:
     Subclasses set ``Config``, register with ``@LOSSES.register("name")`` and implement
     ``__call__(routing, load, router) -> scalar Tensor`` (the unweighted term; the layer
     multiplies by ``cfg.coef`` and logs it as ``name``).
+
+    ``semantics`` declares what batch the loss is computed over (`LossSemantics`). The default,
+    ``micro_batch``, is true of any loss computed from this rank's micro-batch; a loss that reads
+    ``load.global_counts_E`` declares ``global``, and finer claims (``token``, ``sequence``,
+    ``weights``) are declared where they hold. ``tests/balancing/test_invariance.py`` holds every
+    registered loss, third-party ones included, to its declaration.
     """
 
     Config: ClassVar[type[LossConfig]] = LossConfig
     registry_name: ClassVar[str] = ""
     needs_global_counts: ClassVar[bool] = False
+    semantics: ClassVar[LossSemantics] = MICRO_BATCH
 
     def __init__(self, cfg: LossConfig, num_experts: int, top_k: int) -> None:
         self.cfg = cfg
@@ -98,6 +112,11 @@ class BalancingLoss:
         """One loss over every layer's routing (``part`` per layer, ``combine`` once per forward,
         the model calls it) instead of a loss per layer; only ``switch`` offers it."""
         return False
+
+    @classmethod
+    def semantics_for(cls, cfg: LossConfig) -> LossSemantics:
+        """The semantics under ``cfg`` (``switch`` with ``scope: model`` spans the layers)."""
+        return cls.semantics
 
     @classmethod
     def validate_config(cls, cfg: LossConfig, router_cls: type[Router], num_experts: int) -> list[str]:

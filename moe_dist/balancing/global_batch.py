@@ -13,9 +13,18 @@ group instead of this rank's micro-batch:
    ``(1/N_P) sum_j E sum_i fbar_i P_i^j``; with equal T per rank its value averaged over ranks
    equals the single-process loss on the concatenated batch.
 
+Semantics (``semantics``, ``balancing/semantics.py``): ``global``. The training loop averages the
+ranks' gradients, so it optimises ``E * sum_i fbar_i * mean_j P_i^j``: with equal T per rank,
+exactly the loss of one process holding the micro-step's tokens of all DP x EP ranks, whatever
+the DP x EP split. Under gradient accumulation it optimises the mean over the micro-steps of
+that loss, so the balance batch is the global batch / ``grad_accum``.
+
 Difference from the paper: with gradient accumulation the paper also accumulates the synced
-counts over the accumulation steps of one optimizer step; here fbar covers the current
-micro-batch across the group (the Load contract carries no step-level buffer).
+counts over the accumulation steps of one optimizer step (a buffer: the j-th micro-step sees the
+counts of micro-steps 1..j, Megatron-Core's ``global_aux_loss``); here fbar covers the current
+micro-step across the group (the Load contract carries no step-level buffer). Neither equals
+the loss over the whole step's batch: its counts are known only after the step's last forward,
+and the loop runs each micro-step's backward before the next forward.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from typing import Literal
 import torch
 
 from moe_dist.balancing.base import BalancingLoss, CountNormalizedLossConfig, Load, LossConfig
+from moe_dist.balancing.semantics import LossSemantics
 from moe_dist.balancing.switch import switch_loss
 from moe_dist.registry import LOSSES
 from moe_dist.routing.base import Router, Routing
@@ -38,6 +48,7 @@ class GlobalBatchLossConfig(CountNormalizedLossConfig):
 class GlobalBatchLoss(BalancingLoss):
     Config = GlobalBatchLossConfig
     needs_global_counts = True
+    semantics = LossSemantics("global")
 
     def __call__(self, routing: Routing, load: Load, router: Router) -> torch.Tensor:
         if load.global_counts_E is None or load.global_num_tokens is None:

@@ -15,6 +15,12 @@ the batch; the SimBal paper's App. A, coefficient 0.01), K times the ``slots`` v
 
 Needs the micro-batch shape (``load.batch_size``, ``load.seq_len``); slots marked -1 (expert
 choice) are not counted.
+
+Semantics (``semantics``, ``balancing/semantics.py``): ``sequence``. A MEAN over the micro-batch's
+sequences, so the loop's mean over micro-batches of equal B is the mean over all sequences of the
+step: the objective does not depend on the micro-batch size, DP, EP or ``grad_accum`` (Megatron-LM
+issue 5798: a sum over sequences did). With expert-choice routing a token's experts depend on its
+micro-batch, and the loss becomes a micro-batch statistic (`LossSemantics.under`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Literal
 import torch
 
 from moe_dist.balancing.base import BalancingLoss, CountNormalizedLossConfig, Load
+from moe_dist.balancing.semantics import LossSemantics
 from moe_dist.registry import LOSSES
 from moe_dist.routing.base import Router, Routing
 
@@ -44,6 +51,7 @@ def sequence_counts(experts_TK: torch.Tensor, batch_size: int, num_experts: int)
 @LOSSES.register("seq_aux")
 class SeqAuxLoss(BalancingLoss):
     Config = SeqAuxLossConfig
+    semantics = LossSemantics("sequence")
 
     def __call__(self, routing: Routing, load: Load, router: Router) -> torch.Tensor:
         B, S, E = load.batch_size, load.seq_len, self.num_experts

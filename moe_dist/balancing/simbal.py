@@ -30,6 +30,7 @@ prototypes), so the pair is rejected at config time. With H < E the rows cannot 
 
 The loss depends only on the weights, not on the tokens: every rank computes the same value on
 its replica of the router, and data-parallel averaging keeps the gradient unchanged.
+Semantics (``semantics``, ``balancing/semantics.py``): ``weights``, the same objective at any layout.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 from pydantic import Field
 
 from moe_dist.balancing.base import BalancingLoss, Load, LossConfig
+from moe_dist.balancing.semantics import LossSemantics
 from moe_dist.registry import LOSSES
 from moe_dist.routing.base import Router, Routing
 
@@ -71,6 +73,7 @@ def router_has_weight(router_cls: type[Router]) -> bool:
 @LOSSES.register("simbal")
 class SimBalLoss(BalancingLoss):
     Config = SimBalLossConfig
+    semantics = LossSemantics("weights", uses_routing=False)
 
     def __init__(self, cfg: SimBalLossConfig, num_experts: int, top_k: int) -> None:
         super().__init__(cfg, num_experts, top_k)

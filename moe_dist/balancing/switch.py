@@ -26,9 +26,14 @@ Shape legend: T tokens on this rank, E experts, K slots per token, L MoE layers.
   config error there. HF's function (with no attention mask) counts every row, padding included;
   we have no padding.
 
-The loss is computed per rank on its own micro-batch (as HF, per micro-batch and rank);
-data-parallel gradient averaging then averages it over ranks ("micro-batch" balancing in Qiu et
-al. 2025). ``global_batch`` uses the group-wide f instead.
+Semantics (``semantics``, ``balancing/semantics.py``): ``micro_batch``, as the sources define it
+(Switch's f and P per batch of a core, Hugging Face per micro-batch and rank, Megatron-Core's
+``aux_loss`` per micro-batch): the loss is computed per rank on its own micro-batch and the
+training loop optimises its mean over the step's micro-batches ("micro-batch balancing" in Qiu
+et al. 2025). That mean does not depend on which rank or micro-step holds a micro-batch (DP,
+EP and ``grad_accum`` may be traded at a fixed micro-batch size), but it does depend on the
+micro-batch size, by definition: ``global_batch`` is the same loss with the group-wide f, whose
+objective does not depend on the DP x EP split. ``scope: model``: ``micro_batch`` over all layers.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 from pydantic import Field
 
 from moe_dist.balancing.base import BalancingLoss, CountNormalizedLossConfig, Load, LossConfig
+from moe_dist.balancing.semantics import LossSemantics
 from moe_dist.registry import LOSSES
 from moe_dist.routing.base import Router, Routing
 
@@ -70,6 +76,12 @@ class ScopePart:
 @LOSSES.register("switch")
 class SwitchLoss(BalancingLoss):
     Config = SwitchLossConfig
+    semantics = LossSemantics("micro_batch")
+
+    @classmethod
+    def semantics_for(cls, cfg: LossConfig) -> LossSemantics:
+        scope = getattr(cfg, "scope", "layer")
+        return LossSemantics("micro_batch", layers="model") if scope == "model" else cls.semantics
 
     @property
     def model_scope(self) -> bool:

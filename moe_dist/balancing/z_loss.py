@@ -6,6 +6,10 @@ L_z = (1/T) sum_t (logsumexp_i logits_ti)^2. It keeps router logits small, which
 softmax out of its saturated, round-off-prone regime. ST-MoE uses coefficient 1e-3; OLMo 2 /
 SimBal runs use 1e-5. Needs ``routing.logits_TE``: routers without logits are rejected at
 config time.
+
+Semantics (``semantics``, ``balancing/semantics.py``): ``token``, a mean over tokens of a function
+of each token's logits (not of the experts chosen), so the objective is the mean over the step's
+tokens whatever the layout and router.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Literal
 import torch
 
 from moe_dist.balancing.base import BalancingLoss, Load, LossConfig
+from moe_dist.balancing.semantics import LossSemantics
 from moe_dist.registry import LOSSES
 from moe_dist.routing.base import Router, Routing
 
@@ -31,6 +36,7 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 @LOSSES.register("z_loss")
 class ZLoss(BalancingLoss):
     Config = ZLossConfig
+    semantics = LossSemantics("token", uses_routing=False)
 
     def __call__(self, routing: Routing, load: Load, router: Router) -> torch.Tensor:
         if routing.logits_TE is None:

@@ -12,6 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from moe_dist.balancing.semantics import MICRO_BATCH, LossSemantics, RoutingBatch
+
 
 class RouterConfig(BaseModel):
     """Fields every router has. A router subclasses this for its own options.
@@ -71,10 +73,21 @@ class Router(nn.Module):
 
     Subclasses set ``Config`` to their pydantic config class, register with
     ``@ROUTERS.register("name")`` and implement ``forward(x_TH) -> Routing``.
+
+    Declarations (``balancing/semantics.py``; ``tests/balancing/test_invariance.py`` holds every
+    registered router to them):
+
+    - ``routing_batch``: ``token`` when a token's experts and weights depend on that token alone,
+      ``micro_batch`` (the default, always true) when they depend on the other tokens of the
+      rank's micro-batch (expert choice: experts pick tokens);
+    - ``term_semantics``: a `LossSemantics` per key of ``Routing.losses`` (router-owned terms such
+      as LPR's); a term not listed is ``micro_batch``.
     """
 
     Config: ClassVar[type[RouterConfig]] = RouterConfig
     registry_name: ClassVar[str] = ""
+    routing_batch: ClassVar[RoutingBatch] = "micro_batch"
+    term_semantics: ClassVar[dict[str, LossSemantics]] = {}
 
     def __init__(self, cfg: RouterConfig, hidden_size: int, num_experts: int) -> None:
         super().__init__()
@@ -99,6 +112,11 @@ class Router(nn.Module):
         micro-batches of the step and over the whole data x expert parallel group, so every
         rank applies the identical update and replicated router state stays in sync.
         """
+
+    @classmethod
+    def semantics_of_term(cls, name: str) -> LossSemantics:
+        """The declared semantics of router-owned term ``name`` (``micro_batch`` if undeclared)."""
+        return cls.term_semantics.get(name, MICRO_BATCH)
 
     @classmethod
     def validate_config(cls, cfg: RouterConfig, hidden_size: int, num_experts: int) -> list[str]:

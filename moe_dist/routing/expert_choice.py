@@ -20,6 +20,8 @@ including later tokens of its own sequence. Training therefore leaks a little in
 the future into the routing of a decoder-only model, and at inference the output for a token
 changes with how requests are batched (a single token batch routes differently from the same
 token inside a full batch). Zhou et al. note the same limitation for auto-regressive decoding.
+For the same reason a balancing loss of the choices (``seq_aux``) is a micro-batch statistic here
+(``routing_batch = "micro_batch"``, ``balancing/semantics.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class ExpertChoiceRouter(LinearGateRouter):
     # Every expert gets exactly C tokens, so batch-level f_i is uniform and a Switch-style loss
     # has zero gradient; the switch / global_batch config checks reject the pair.
     balanced_by_construction: ClassVar[bool] = True
+    # Experts pick among the rank's micro-batch: losses of the choices are micro-batch statistics.
+    routing_batch = "micro_batch"
 
     def __init__(self, cfg: ExpertChoiceConfig, hidden_size: int, num_experts: int) -> None:
         super().__init__(cfg, hidden_size, num_experts)

@@ -34,6 +34,14 @@ Forward:
      W = softmax over ALL E of the top-k cosines scattered into zeros (non-selected experts get
      weight e^0, not 0), detached. W^T z is a SUM over this rank's T tokens, so the target's
      scale grows with the micro-batch size exactly as in the official code.
+   Semantics of the three terms (``term_semantics``, ``balancing/semantics.py``), as the official
+   code computes them per micro-batch (each rank and micro-batch its own; the loop averages):
+   ``lpr_kl`` is ``token`` (a mean of per-token KLs: the same objective at any layout);
+   ``lpr_diversity`` is ``micro_batch`` (D(mu) compares the micro-batch's tokens pairwise, and
+   its zero diagonal weighs 1/N, so it changes with the micro-batch size; D(keys) has no tokens);
+   ``lpr_align`` is ``micro_batch`` with a stop-gradient target that scales with the
+   micro-batch's token count, so its meaning changes with DP, EP and ``grad_accum`` at a fixed
+   global batch (what the official code does; our loop at least divides it by ``grad_accum``).
 7. probs_TE = softmax(scores_TE) (what the official code's Switch loss would see, HF's
    ``load_balancing_loss_func`` on the cosines). logits_TE is None: the scores are cosines in
    [-1, 1], not logits, so a z-loss would only push tokens away from their prototypes
@@ -80,6 +88,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from moe_dist.balancing.semantics import LossSemantics
 from moe_dist.registry import ROUTERS
 from moe_dist.routing.base import Router, RouterConfig, Routing
 
@@ -141,6 +150,12 @@ def gaussian_kl(mu_TD: torch.Tensor, logvar_TD: torch.Tensor) -> torch.Tensor:
 class LPRRouter(Router):
     Config = LPRConfig
     has_logits: ClassVar[bool] = False
+    routing_batch = "token"  # mu, cosines and top-k per token
+    term_semantics: ClassVar[dict[str, LossSemantics]] = {
+        "lpr_diversity": LossSemantics("micro_batch"),
+        "lpr_kl": LossSemantics("token"),
+        "lpr_align": LossSemantics("micro_batch", stop_gradient=True),
+    }
 
     def __init__(self, cfg: LPRConfig, hidden_size: int, num_experts: int) -> None:
         super().__init__(cfg, hidden_size, num_experts)

@@ -67,6 +67,7 @@ def group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int) -
 @ROUTERS.register("topk_sigmoid_bias")
 class TopKSigmoidBiasRouter(LinearGateRouter):
     Config = TopKSigmoidBiasConfig
+    routing_batch = "token"  # a token's choice depends on that token (and the bias) only
 
     def __init__(self, cfg: TopKSigmoidBiasConfig, hidden_size: int, num_experts: int) -> None:
         super().__init__(cfg, hidden_size, num_experts)

@@ -61,6 +61,7 @@ class TopKSoftmaxConfig(RouterConfig):
 @ROUTERS.register("topk_softmax")
 class TopKSoftmaxRouter(LinearGateRouter):
     Config = TopKSoftmaxConfig
+    routing_batch = "token"  # a token's choice depends on that token (and the bias) only
 
     def __init__(self, cfg: TopKSoftmaxConfig, hidden_size: int, num_experts: int) -> None:
         super().__init__(cfg, hidden_size, num_experts)
