@@ -4,7 +4,8 @@ A subcommand module provides ``add_<name>_parser(subparsers)``, which registers 
 and sets ``func`` (``func(args) -> exit code``). Adding one is one line in ``SUBCOMMANDS``.
 
 Bad input (config, data, checkpoint, launch environment) ends with one clear message on stderr
-and exit code 2, never a traceback.
+and exit code 2, never a traceback; a collective that loses its peer mid-run, with one line
+naming it and exit code 1.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
 ]
 
 EXIT_BAD_INPUT = 2
+EXIT_LOST_PEER = 1  # a peer died or became unreachable mid-run (moe_dist/parallel/lost_peer.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a collective lost its peer: one line per rank, not a traceback
+        from moe_dist.parallel.lost_peer import lost_peer_message
+
+        message = lost_peer_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_LOST_PEER
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from moe_dist.config import ConfigError, load_config
 from moe_dist.launcher import deepspeed_runner, local, mpirun, slurm, torchrun
+from moe_dist.launcher.agent_watch import agent_waiter, wait_agent
+from moe_dist.launcher.cluster_checks import this_node_network_errors
 from moe_dist.launcher.cluster_config import ClusterConfig
 from moe_dist.launcher.cluster_loading import load_cluster_config
 from moe_dist.launcher.plan import LaunchPlan, resume_on_restart, train_args_for
@@ -89,7 +91,8 @@ def write_files(plan: LaunchPlan) -> None:
             path.chmod(0o755)
 
 
-def run_plan(plan: LaunchPlan) -> int:
+def run_plan(plan: LaunchPlan, agent: tuple[str, int, float] | None = None) -> int:
+    """Run the plan; ``agent`` (host, port, grace): a torchrun agent to watch (``agent_watch``)."""
     write_files(plan)
     proc = subprocess.Popen(plan.argv, env={**os.environ, **plan.env})
 
@@ -98,7 +101,7 @@ def run_plan(plan: LaunchPlan) -> int:
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = proc.wait()
+        code = proc.wait() if agent is None else wait_agent(proc, *agent)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -185,11 +188,11 @@ def main(argv: list[str]) -> int:
             for path in plan.files:
                 print(f"# wrote {path}; submit it with: sbatch {path}")
         return 0
-    errors = check_this_node(cluster, plan)
+    errors = check_this_node(cluster, plan) + this_node_network_errors(cluster)
     if errors:
         print(
             f"moe-dist launch: cannot launch {args.cluster} here:\n" + "\n".join(f"  {e}" for e in errors),
             file=sys.stderr,
         )
         return 2
-    return run_plan(plan)
+    return run_plan(plan, agent_waiter(cluster))

@@ -1,4 +1,5 @@
-"""Checks across fields of a cluster config (backend vs nodes, hosts, restarts, containers).
+"""Checks across fields of a cluster config (backend vs nodes, hosts, restarts, containers), and
+of this node's network against it (``this_node_network_errors``, run just before launching).
 
 Each check returns ``path: message`` lines, all of them at once, like ``moe_dist.config``.
 """
@@ -6,6 +7,8 @@ Each check returns ``path: message`` lines, all of them at once, like ``moe_dist
 from __future__ import annotations
 
 import re
+import socket
+import time
 from typing import Any
 
 from moe_dist.launcher.cluster_config import ClusterConfig
@@ -104,3 +107,75 @@ def cross_checks(c: ClusterConfig) -> list[str]:
                 f"got {c.slurm.gpus_per_node}"
             )
     return errors
+
+
+RDZV_READ_TIMEOUT_S = 60  # torch's c10d default, when rendezvous.read_timeout_s is not set
+
+
+def this_node_network_errors(c: ClusterConfig) -> list[str]:
+    """What keeps this node from the others, found before anything starts (not for SLURM: its
+    nodes are elsewhere): a ``network.socket_ifname`` it lacks (gloo wants exact names; it would
+    fail in ``init_process_group`` while the other nodes wait for it), or a rendezvous host that
+    does not answer within ``rendezvous.read_timeout_s`` (torchrun would end after that long too,
+    but with a traceback)."""
+    if c.backend == "slurm":
+        return []
+    errors = []
+    if c.network.socket_ifname:
+        have = sorted(name for _, name in socket.if_nameindex())
+        missing = [n for n in c.network.socket_ifname.split(",") if n not in have]
+        if missing:
+            errors.append(
+                f"network.socket_ifname: this node ({socket.gethostname()}) has no interface "
+                f"{missing[0]!r}; its interfaces: {', '.join(have)}"
+            )
+    host, port = c.rdzv_host_port()
+    if c.nodes > 1 and c.backend in ("torchrun", "deepspeed") and host and port:
+        within = c.rendezvous.read_timeout_s or RDZV_READ_TIMEOUT_S
+        problem = rendezvous_unreachable(host, port, within)
+        if problem:
+            where = "rendezvous.endpoint" if c.rendezvous.endpoint else "hosts"
+            here = socket.gethostname()
+            errors.append(f"{where}: from {here}, the rendezvous host {host}:{port} {problem}")
+    return errors
+
+
+def is_this_node(host: str) -> bool:
+    """Does ``host`` name an address of this node (can we bind to it)?"""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((addr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def rendezvous_unreachable(host: str, port: int, within_s: float) -> str | None:
+    """None when ``host`` answers a TCP connection to ``port`` within ``within_s`` seconds (a
+    refusal is an answer: its agent may not listen yet) or is this node; else why not."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"does not resolve ({exc.strerror or exc})"
+    if is_this_node(host):
+        return None
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with socket.create_connection(
+                (host, port), timeout=min(3.0, max(0.1, deadline - time.monotonic()))
+            ):
+                return None
+        except ConnectionRefusedError:
+            return None
+        except OSError as exc:
+            why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        if time.monotonic() >= deadline:
+            return f"is not reachable within {within_s:g} s (rendezvous.read_timeout_s): {why}"
+        time.sleep(0.5)

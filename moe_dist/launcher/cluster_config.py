@@ -47,6 +47,12 @@ class RendezvousConfig(Section):
     id: str | None = Field(None, description="rendezvous id shared by all agents; default: cluster name")
     join_timeout_s: int = Field(600, ge=1, description="how long agents wait for all nodes to join")
     last_call_timeout_s: int = Field(30, ge=1, description="extra wait after the minimum number joined")
+    read_timeout_s: int | None = Field(
+        None,
+        ge=1,
+        description="torchrun c10d: limit of each rendezvous store operation, connecting included (an "
+        "unreachable rendezvous host fails after this long); default torch's 60",
+    )
 
     @field_validator("endpoint")
     @classmethod

@@ -46,7 +46,10 @@ def torchrun_options(cluster: ClusterConfig, endpoint: str | None, rdzv_id: str,
             "--rdzv-id",
             rdzv_id,
         ]
-        opts += ["--rdzv-conf", rdzv_conf(cluster)]
+        conf = rdzv_conf(cluster)
+        if cluster.rendezvous.read_timeout_s is not None:
+            conf += f",read_timeout={cluster.rendezvous.read_timeout_s}"
+        opts += ["--rdzv-conf", conf]
         if cluster.node_rank is not None:
             opts += ["--node-rank", str(cluster.node_rank)]
             hosts = cluster.node_hosts()

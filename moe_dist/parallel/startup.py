@@ -15,7 +15,8 @@ them (``mpirun -np 2 moe-dist train ...``), ``mpi4py`` supplies them: rank 0 tak
 ``MPI.COMM_WORLD``; rank, size and local rank come from MPI itself, so any MPI works.
 
 Backend ``auto`` is NCCL when CUDA is available, else gloo; the collective timeout is
-``parallel.timeout_s``, so a dead peer ends the job instead of hanging it.
+``parallel.timeout_s`` (default 600 s) for the default group and every group made after it
+(``groups_default_to``), so a dead or unreachable peer ends the job instead of hanging it.
 """
 
 from __future__ import annotations
@@ -94,13 +95,49 @@ def init_distributed(cfg: ParallelConfig) -> LaunchInfo:
             f"{info.launcher} launch of {info.world_size} processes: {' and '.join(missing)} not set "
             "(export the address and port of rank 0)"
         )
+    check_socket_ifname()
     backend = pick_backend(cfg)
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(
-        backend, rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=cfg.timeout_s)
-    )
+    timeout = timedelta(seconds=cfg.timeout_s)
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout)
+    groups_default_to(timeout)
     return info
+
+
+def check_socket_ifname(env: dict[str, str] | os._Environ[str] | None = None) -> None:
+    """``GLOO_SOCKET_IFNAME`` (``network.socket_ifname``) must name interfaces of this host.
+
+    gloo otherwise fails inside ``init_process_group`` with a C++ traceback on this host while
+    the other hosts wait for it until the timeout. (NCCL's variable takes prefixes and ``^``
+    exclusions; gloo's takes exact names, comma-separated.)"""
+    value = (os.environ if env is None else env).get("GLOO_SOCKET_IFNAME")
+    if not value:
+        return
+    have = sorted(name for _, name in socket.if_nameindex())
+    missing = [n for n in value.split(",") if n not in have]
+    if missing:
+        raise LaunchEnvError(
+            f"network.socket_ifname: GLOO_SOCKET_IFNAME={value} names {missing[0]!r}, which this host "
+            f"({socket.gethostname()}) does not have; its interfaces: {', '.join(have)}"
+        )
+
+
+def groups_default_to(timeout: timedelta) -> None:
+    """Make ``timeout`` the timeout of every process group created from now on without one.
+
+    ``dist.new_group(ranks)`` does not inherit the default group's timeout: it takes torch's
+    library default (``distributed_c10d._get_default_timeout``: 30 minutes for gloo and NCCL).
+    Our EP and expert-DP groups, the checkpointer's gloo group and DeepSpeed's expert groups are
+    all made that way, so without this a lost peer inside an all-to-all would hang for 30
+    minutes whatever ``parallel.timeout_s`` says. torch reads these module globals each time a
+    group is made; there is no public setter.
+    """
+    import torch.distributed.distributed_c10d as c10d  # noqa: PLC0415 - torch's own module
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def rendezvous_over_mpi() -> LaunchInfo:

@@ -7,9 +7,10 @@ has TUN/TAP:
 
 1. Create two TAP devices (``IFF_TAP | IFF_NO_PI``: whole Ethernet frames, no header) in the
    root namespace and print ``ready``; the caller moves each into one host's namespace.
-2. Forever: read a frame from either device; drop it with probability ``loss`` (netem's
-   ``loss random``); else deliver it to the other device ``delay_ms`` later (netem's fixed
-   ``delay``). Each direction is impaired: as netem on both ends of a link.
+2. Forever: pass frames between the devices. A frame that leaves B (host 1) is dropped with
+   probability ``loss`` (netem's ``loss random``), else delivered ``delay_ms`` later (netem's
+   fixed ``delay``); frames from A pass at once. That is ``tc qdisc add dev IF root netem
+   delay 20ms loss 1%`` on host 1's interface: the round trip grows by ``delay_ms``.
 
 Frames keep their order in each direction (a fixed delay). The devices vanish when the relay
 exits, so killing the relay removes the link. Run as ``python link_relay.py TAP_A TAP_B
@@ -18,6 +19,7 @@ DELAY_MS LOSS SEED`` (root: ``/dev/net/tun``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import heapq
 import os
@@ -38,8 +40,8 @@ def open_tap(name: str) -> int:
 
 
 def relay(a: int, b: int, delay_s: float, loss: float, seed: int) -> None:
+    """Frames from ``a`` to ``b`` at once; from ``b`` to ``a`` delayed and lossy."""
     rng = random.Random(seed)
-    other = {a: b, b: a}
     due: list[tuple[float, int, int, bytes]] = []  # (deliver at, sequence, device, frame)
     seq = 0
     while True:
@@ -50,9 +52,12 @@ def relay(a: int, b: int, delay_s: float, loss: float, seed: int) -> None:
                 frame = os.read(fd, 65536)
             except OSError:  # the device is down: nothing to read
                 continue
-            if rng.random() >= loss:
+            if fd == a:
+                with contextlib.suppress(OSError):  # the receiving side is down: lost, as on a cut cable
+                    os.write(b, frame)
+            elif rng.random() >= loss:
                 seq += 1
-                heapq.heappush(due, (time.monotonic() + delay_s, seq, other[fd], frame))
+                heapq.heappush(due, (time.monotonic() + delay_s, seq, a, frame))
         now = time.monotonic()
         while due and due[0][0] <= now:
             _, _, fd, frame = heapq.heappop(due)

@@ -135,3 +135,26 @@ def step_seconds(run_dir: Path) -> float:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     times = [r["step_seconds"] for r in recs if "step_seconds" in r and r.get("step", 0) > 1]
     return sum(times) / max(1, len(times))
+
+
+def last_step(run_dir: Path) -> int:
+    """The newest step in rank 0's metrics.jsonl (0 before the first)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return max((json.loads(x).get("step", 0) for x in lines if x.endswith("}")), default=0)
+
+
+def wait_until(
+    ok: Any, what: str, timeout_s: float, procs: list[subprocess.Popen], logs: list[Path]
+) -> float:
+    """Poll ``ok()`` until true (returns the seconds it took); fail if a launch ends or time runs out."""
+    start = time.monotonic()
+    while not ok():
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"a launch ended before {what}:\n{tails(logs)}")
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"no {what} within {timeout_s:.0f} s:\n{tails(logs)}")
+        time.sleep(0.05)
+    return time.monotonic() - start

@@ -8,8 +8,9 @@
    ``/etc/hosts`` naming both hosts and a ``resolv.conf`` without a reachable DNS server
    (``ip netns exec`` mounts ``/etc/netns/NS/*`` over ``/etc``): a cluster's name service.
 3. The link: a veth pair (default), or, with ``delay_ms``/``loss``, two TAP devices and a user
-   space relay that delays and drops frames (``link_relay.py``: the kernel lacks netem). Both
-   ends carry the same interface name (``ifname``) in their host, as ``eth0`` does on a cluster.
+   space relay that delays and drops the frames host 1 sends, as ``tc ... netem`` on host 1's
+   interface would (``link_relay.py``: these kernels lack sch_netem). Both ends carry the same
+   interface name (``ifname``) in their host, as ``eth0`` does on a cluster.
 4. Commands run in a host through ``ip netns exec NS unshare --uts``, with the host's own
    hostname (``node0``/``node1``): a process sees its host's addresses, routes and name, so
    same-host shortcuts (the shared-memory EP transport) are off between the two.
