@@ -25,6 +25,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("moe_dist.commands.compare", "add_compare_parser"),
     ("moe_dist.commands.launch", "add_launch_parser"),
     ("moe_dist.commands.export_hf", "add_export_hf_parser"),
+    ("moe_dist.commands.import_hf", "add_import_hf_parser"),
     ("moe_dist.commands.generate", "add_generate_parser"),
     ("moe_dist.commands.export_tb", "add_export_tb_parser"),
 ]

@@ -27,8 +27,6 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moe_dist.config import ModelConfig
 from moe_dist.export.remote_code import REMOTE_CODE_FILES
 
@@ -53,17 +51,12 @@ def lpr_config_fields(model: ModelConfig) -> dict[str, Any]:
     }
 
 
-def lpr_moe_tensors(moe_layer: torch.nn.Module, prefix: str, copy) -> dict[str, torch.Tensor]:
-    """Router and fused expert tensors of one MoE layer under ``prefix`` (``model.layers.{i}.mlp.``)."""
-    router = moe_layer.gate.router
-    out = {f"{prefix}gate.expert_keys": copy(router.expert_keys)}
+def lpr_router_links(hf_prefix: str, our_prefix: str) -> list[tuple[str, str]]:
+    """(HF name, our name) of one LPR router's tensors: ``hf_prefix`` is ``model.layers.{i}.mlp.gate.``,
+    ``our_prefix`` ``blocks.{i}.ffn.gate.router.`` (the fused experts are ``hf_weights``'s)."""
+    out = [(f"{hf_prefix}expert_keys", f"{our_prefix}expert_keys")]
     for name in ("norm", "encoder", "out_proj"):
-        module = getattr(router, name)
-        out[f"{prefix}gate.{name}.weight"] = copy(module.weight)
-        out[f"{prefix}gate.{name}.bias"] = copy(module.bias)
-    ex = moe_layer.experts
-    out[f"{prefix}experts.gate_up_proj"] = copy(ex.w13_eHG.transpose(1, 2))  # [w1 | w3], as HF fuses them
-    out[f"{prefix}experts.down_proj"] = copy(ex.w2_eFH.transpose(1, 2))
+        out += [(f"{hf_prefix}{name}.{p}", f"{our_prefix}{name}.{p}") for p in ("weight", "bias")]
     return out
 
 
