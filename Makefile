@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Debian packages the tests use: a real Prometheus (+ Pushgateway), OpenMPI for the mpirun backend,
 # a single-node SLURM for the sbatch backend, g++ for DeepSpeed's CPU ops and torch.compile on CPU.
-APT_PACKAGES := prometheus prometheus-pushgateway openmpi-bin libopenmpi-dev slurmd slurmctld slurm-client munge openssl g++
+APT_PACKAGES := prometheus prometheus-pushgateway openmpi-bin libopenmpi-dev slurmd slurmctld slurm-client munge openssl g++ iproute2
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup setup-system lint bench clean
