@@ -146,6 +146,10 @@ def run_config(
         "model": model,
         "data": data,
     }
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in ("model.moe.router", "model.moe.router.name"):
+            raise HFImportError(f"--set {key}: choose the router with --router NAME (its plugin inits it)")
     errors = apply_overrides(tree, overrides)
     if errors:
         raise ConfigError(errors, "import-hf --set")
@@ -153,7 +157,7 @@ def run_config(
     problems = []
     want = ModelConfig.model_validate(source.model)
     for path in STRUCTURE:
-        if field_value(cfg.model, path) != field_value(want, path):
+        if _structural(cfg.model, path) != _structural(want, path):
             problems.append(
                 f"model.{path}: {field_value(cfg.model, path)}, but the checkpoint has "
                 f"{field_value(want, path)} (import-hf keeps the pretrained shapes)"
@@ -162,11 +166,6 @@ def run_config(
         problems.append(
             f"model.dense_ffn_hidden_size: {cfg.model.dense_ffn_hidden_size}, but the checkpoint has "
             f"{want.dense_ffn_hidden_size}"
-        )
-    if router is None and cfg.model.moe.router.name != want.moe.router.name:
-        problems.append(
-            f"model.moe.router.name: {cfg.model.moe.router.name}; choose a new router with --router "
-            f"{cfg.model.moe.router.name} (the checkpoint's is {want.moe.router.name})"
         )
     if cfg.parallel.engine != "native":
         problems.append(
@@ -178,6 +177,12 @@ def run_config(
     if problems:
         raise HFImportError("; ".join(problems))
     return cfg
+
+
+def _structural(model: ModelConfig, path: str) -> object:
+    """A ``STRUCTURE`` field's value, ``n_kv_heads`` None read as ``n_heads`` (the same model)."""
+    value = field_value(model, path)
+    return model.n_heads if path == "n_kv_heads" and value is None else value
 
 
 def _check_tokenizer(cfg: Config, source: HFSource, hf_dir: Path, run_dir: Path, tok_files: list[str]) -> str:
