@@ -28,7 +28,8 @@ The inverse of ``hf_export``, through the same tables (``hf_config.config_fields
 
 AdamW's hyper-parameters (betas, eps, weight decay) are saved with the state, and a resumed
 ``torch``-format run takes them from the checkpoint: set ``optim.*`` at import (``--set``).
-Memory: the whole model and its AdamW moments in fp32 in this process, 12 bytes a parameter.
+Memory: the whole model and its AdamW moments in fp32 in this process, 12 bytes a parameter
+(``dcp``), about 24 with ``torch`` (its writer copies weights and moments for ``torch.save``).
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def import_hf(
     source = model_section(hf_dir)
     files = HFTensorFiles(hf_dir)
     tok_files = [name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
-    cfg = run_config(source, run_dir, router, overrides or [], "tokenizer.json" in tok_files)
-    source_model = ModelConfig.model_validate(source.model)
+    source_model = source_model_config(source, hf_dir)
+    cfg = run_config(source, source_model, run_dir, router, overrides or [], "tokenizer.json" in tok_files)
     swap = router is not None
     links = tensor_links(source_model, source.arch)
     read = [link for link in links if not (swap and ROUTER_PART in link.ours)]
@@ -129,10 +130,22 @@ def import_hf(
     )
 
 
+def source_model_config(source: HFSource, hf_dir: Path) -> ModelConfig:
+    """The checkpoint's model as ours, validated alone (its errors name ``config.json``)."""
+    seq_len = min(128, source.model["max_seq_len"])  # 128: DataConfig's default
+    tree = {"model": copy.deepcopy(source.model), "data": {"seq_len": seq_len}}
+    return config_from_dict(tree, str(hf_dir / "config.json")).model
+
+
 def run_config(
-    source: HFSource, run_dir: Path, router: str | None, overrides: list[str], has_tokenizer: bool
+    source: HFSource,
+    want: ModelConfig,
+    run_dir: Path,
+    router: str | None,
+    overrides: list[str],
+    has_tokenizer: bool,
 ) -> Config:
-    """Our config for the imported run (module docstring, step 2)."""
+    """Our config for the imported run (module docstring, step 2); ``want``: the source's model."""
     model = copy.deepcopy(source.model)
     if router is not None:
         model["moe"]["router"] = {"name": router, "top_k": source.model["moe"]["router"]["top_k"]}
@@ -155,7 +168,6 @@ def run_config(
         raise ConfigError(errors, "import-hf --set")
     cfg = config_from_dict(tree, "import-hf (config.json and --set)")
     problems = []
-    want = ModelConfig.model_validate(source.model)
     for path in STRUCTURE:
         if _structural(cfg.model, path) != _structural(want, path):
             problems.append(
