@@ -41,10 +41,10 @@ class Batch(NamedTuple):
     y_BS: torch.Tensor  # int64 next-token targets
     doc_BS: torch.Tensor | None  # int64 document number per input position (data.document_mask)
 
-    def to(self, device: torch.device) -> Batch:
+    def to(self, device: torch.device | str) -> Batch:
         """On ``device``; to CUDA through pinned memory without blocking the host (a plain
         pageable copy waits for the device to drain: a host synchronisation every step)."""
-        if device.type != "cuda":
+        if torch.device(device).type != "cuda":
             return self
         ts = [t.pin_memory().to(device, non_blocking=True) if t is not None else None for t in self]
         return Batch(*ts)
