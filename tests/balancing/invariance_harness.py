@@ -117,22 +117,22 @@ def own_terms(router: str) -> list[str]:
     return sorted(aux)
 
 
-def _built_in(name: str | None) -> bool:
+def built_in(name: str | None) -> bool:
+    """A router or loss of moe_dist itself (not an entry-point plugin)."""
     if name is None:
         return True
     cls = ROUTERS.get(name) if name in ROUTERS.names() else LOSSES.get(name)
     return cls.__module__.startswith("moe_dist.")
 
 
-def cases(only: set[str] | None = None) -> list[Case]:
+def cases(skip: frozenset[str] = frozenset()) -> list[Case]:
     """Every registered router with every registered loss it accepts, and alone when it owns
-    terms; ``only``: the cases naming one of these plugins (with built-ins, no other plugin)."""
+    terms; none that names a plugin in ``skip``."""
     out = []
     for router in ROUTERS.names():
         for loss in [None, *LOSSES.names()]:
             case = Case(router, loss)
-            named = {router, loss}
-            if only is not None and (not named & only or not all(_built_in(n) or n in only for n in named)):
+            if {router, loss} & skip:
                 continue
             if validate_moe(case.moe_config(), H) or not case.terms():
                 continue

@@ -11,7 +11,8 @@ One launch per world size runs every case and every layout of that size in the s
    the task loss is left out, it is not a balancing term), then ``GradSync.reduce``
    (``training/grad_sync.py``: the gradient mean over the world). Each term's own gradient is
    reduced the same way, so that every term is held to its own semantics.
-2. ``megatron_case`` (world 2, DP 2 x EP 1: Megatron-Core needs CUDA for EP > 1 layers): our
+2. world 2: activation recomputation on and off at DP 2 (``check_recompute``).
+3. ``megatron_case`` (world 2, DP 2 x EP 1: Megatron-Core needs CUDA for EP > 1 layers): our
    router inside Megatron's ``TopKRouter`` against our ``Gate`` on the same micro-batch and seed:
    each term as Megatron's tracker logs it and the router gradient that Megatron's
    ``MoEAuxLossAutoScaler`` carries into the backward.
@@ -179,10 +180,18 @@ def check_megatron(case: Case, layout: Layout, per_rank: list[dict[str, Any]]) -
 def launch_body(rank: int, world: int, cases: list[Case], megatron: bool) -> dict[str, Any]:
     """Every (case, layout) of this world size in this process; then Megatron's router (world 2)."""
     groups = {ep: ParallelGroups.build(ep) for ep in sorted({lay.ep for lay in LAYOUTS[world]})}
-    out: dict[str, Any] = {"layouts": {}, "megatron": {}}
+    out: dict[str, Any] = {"layouts": {}, "megatron": {}, "recompute": {}}
     for case in cases:
         for layout in LAYOUTS[world]:
             out["layouts"][(case.name, layout.name)] = run_layout(case, layout, rank, groups[layout.ep])
+    if world == 2:  # recomputation with the layers' collectives (global counts) on two ranks
+        from invariance_single import check_recompute
+
+        for case in cases:
+            try:
+                check_recompute(case, groups=groups[1])
+            except AssertionError as exc:
+                out["recompute"][case.name] = f"rank {rank}: {exc}"
     if megatron:
         from megatron.core import parallel_state as ps
 
@@ -200,7 +209,7 @@ def launch_body(rank: int, world: int, cases: list[Case], megatron: bool) -> dic
 
 def check_launch(world: int, cases: list[Case], results: list[dict[str, Any]]) -> list[str]:
     """Every check of one launch; the failures as messages (all of them, not only the first)."""
-    failures = []
+    failures = [msg for r in results for msg in r["recompute"].values()]
     for case in cases:
         for layout in LAYOUTS[world]:
             try:

@@ -18,7 +18,8 @@ the router's parameters equal the single-process reference of the term's declare
 - each term's gradient reaches the router, non-zero, and equals a float64 finite difference.
 
 Multi-process checks run as one launch per world size (every case and layout in the same
-processes); world 1 runs in the test process with one intra-op thread.
+processes), in a fresh interpreter with a test plugin installed through the entry points (its
+cases ride in the same launches); world 1 runs in the test process with one intra-op thread.
 """
 
 from __future__ import annotations
@@ -36,14 +37,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported h
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from invariance_harness import B_ALL, Case, Layout, cases, mean_over  # noqa: E402
-from invariance_ranks import check_launch, launch_body  # noqa: E402
 from invariance_single import (  # noqa: E402
     check_deepspeed,
     check_finite_difference,
     check_recompute,
     check_world1,
 )
-from rank_processes import run_on_ranks  # noqa: E402
 
 from moe_dist.balancing.semantics import LossSemantics  # noqa: E402
 from moe_dist.registry import LOSSES, ROUTERS  # noqa: E402
@@ -131,18 +130,6 @@ def test_deepspeed_gate_matches_the_native_gate(case: Case, one_thread: None) ->
     check_deepspeed(case)
 
 
-@pytest.mark.slow
-def test_dp2_ep2_grad_accum_and_megatron_on_two_processes() -> None:
-    failures = check_launch(2, CASES, run_on_ranks(launch_body, 2, (CASES, True)))
-    assert not failures, "\n\n".join(failures)
-
-
-@pytest.mark.slow
-def test_dp4_and_dp2_x_ep2_on_four_processes() -> None:
-    failures = check_launch(4, CASES, run_on_ranks(launch_body, 4, (CASES, False)))
-    assert not failures, "\n\n".join(failures)
-
-
 PLUGIN_MODULE = '''
 """A router and three losses defined outside moe_dist, each declaring its semantics."""
 from typing import ClassVar
@@ -217,21 +204,25 @@ RUN = textwrap.dedent("""
     import json
     from invariance_harness import Case
     from invariance_single import check_world1, run_all
-    checked = run_all({"sigmoid_topk_test", "token_entropy_test", "mean_load_entropy_test"})
+    out = run_all(frozenset({"wrong_claim_test"}))
     try:
         check_world1(Case("topk_softmax", "wrong_claim_test"))
-        wrong = "passed"
+        out["wrong"] = "passed"
     except AssertionError as exc:
-        wrong = str(exc)
-    print(json.dumps({"checked": checked, "wrong": wrong}))
+        out["wrong"] = str(exc)
+    print(json.dumps(out))
 """)
 
 
 @pytest.mark.slow
-def test_an_entry_point_plugin_gets_the_same_checks(tmp_path: Path) -> None:
-    """A package installed with pip registers a router and losses through the entry points;
-    in a fresh interpreter the whole suite runs on the cases that name them, and a loss whose
-    declared semantics are false fails it."""
+def test_every_registered_case_on_two_and_four_processes_with_a_plugin_installed(tmp_path: Path) -> None:
+    """DP 2, EP 2, DP 2 x grad_accum 4, Megatron-Core's router and recomputation at DP 2 on two
+    processes; DP 4 and DP 2 x EP 2 on four: one launch each, every case in it.
+
+    A package installed with pip registers a router and losses through the entry points first,
+    so the launches run in a fresh interpreter where the registries hold them: their cases go
+    through every check the built-ins do (the single-process ones too), and a loss whose
+    declared semantics are false fails."""
     pkg, site = tmp_path / "pkg", tmp_path / "site"
     pkg.mkdir()
     (pkg / "pyproject.toml").write_text(PYPROJECT)
@@ -240,12 +231,13 @@ def test_an_entry_point_plugin_gets_the_same_checks(tmp_path: Path) -> None:
     subprocess.run([*pip, "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=240)
     paths = [site, ROOT, ROOT / "tests" / "helpers", ROOT / "tests" / "balancing"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths)), "DS_ACCELERATOR": "cpu"}
-
     cmd = [sys.executable, "-W", "ignore", "-c", RUN]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["failures"], "\n\n".join(out["failures"])
     checked = set(out["checked"])
+    assert set(IDS) <= checked  # every built-in case of the parametrised tests
     assert {"sigmoid_topk_test+own_terms", "sigmoid_topk_test+switch", "sigmoid_topk_test+seq_aux"} <= checked
     assert {"topk_softmax+token_entropy_test", "lpr+mean_load_entropy_test"} <= checked
     assert not any("wrong_claim_test" in name for name in checked)
