@@ -48,15 +48,19 @@ from moe_dist.balancing.semantics import LossSemantics  # noqa: E402
 from moe_dist.registry import LOSSES, ROUTERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = cases()
+with torch.random.fork_rng(devices=[]):  # routers draw their init; leave the session's RNG alone
+    CASES = cases()
 IDS = [c.name for c in CASES]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
+    """One intra-op thread (tiny tensors: a second one only spins) and the session's RNG state
+    untouched by the checks' seeds."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only spins
-    yield
+    torch.set_num_threads(1)
+    with torch.random.fork_rng(devices=[]):
+        yield
     torch.set_num_threads(n)
 
 
@@ -89,7 +93,7 @@ def test_every_plugin_declares_semantics_and_the_built_ins_say_what_the_docs_say
     assert {"topk_softmax+switch", "lpr+own_terms", "expert_choice+z_loss"} <= set(IDS)
 
 
-def test_the_references_tell_the_semantics_apart(one_thread: None) -> None:
+def test_the_references_tell_the_semantics_apart() -> None:
     """Not vacuous: where a term's semantics are not invariant, its reference at another layout
     differs from the whole batch's by far more than the tolerance."""
     whole = ((0, B_ALL),)
@@ -107,26 +111,26 @@ def test_the_references_tell_the_semantics_apart(one_thread: None) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_grad_accum_1_and_4_at_the_same_global_batch(case: Case, one_thread: None) -> None:
+def test_grad_accum_1_and_4_at_the_same_global_batch(case: Case) -> None:
     check_world1(case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_gradient_reaches_the_router_and_equals_a_finite_difference(case: Case, one_thread: None) -> None:
+def test_gradient_reaches_the_router_and_equals_a_finite_difference(case: Case) -> None:
     check_finite_difference(case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_recomputation_counts_terms_and_statistics_once(case: Case, one_thread: None) -> None:
+def test_recomputation_counts_terms_and_statistics_once(case: Case) -> None:
     check_recompute(case)
 
 
-def test_recomputation_with_a_model_scope_loss(one_thread: None) -> None:
+def test_recomputation_with_a_model_scope_loss() -> None:
     check_recompute(Case("topk_softmax", "switch", (("scope", "model"),)), n_layers=2)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_deepspeed_gate_matches_the_native_gate(case: Case, one_thread: None) -> None:
+def test_deepspeed_gate_matches_the_native_gate(case: Case) -> None:
     check_deepspeed(case)
 
 
