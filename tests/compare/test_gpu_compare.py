@@ -28,6 +28,7 @@ def run_script(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_dry_run_validates_both_gpu_presets_and_trains_nothing(tmp_path: Path) -> None:
     proc = run_script("--dry-run", OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stderr
