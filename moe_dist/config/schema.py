@@ -82,6 +82,9 @@ class ModelConfig(Section):
         None, ge=1, description="key/value heads (grouped-query attention); None = n_heads"
     )
     qk_norm: bool = Field(False, description="RMSNorm over each head of q and k before RoPE (Qwen3)")
+    head_dim: int | None = Field(
+        None, ge=2, description="attention head dim; None = dim / n_heads (Qwen3-30B-A3B: 128 at dim 2048)"
+    )
     max_seq_len: int = Field(256, ge=1)
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
@@ -99,10 +102,14 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
         # Raised at the field, so the message is "model.dim: ...", not the whole section.
-        if self.dim % self.n_heads:
-            msg = f"must be divisible by model.n_heads ({self.n_heads})"
+        if self.head_dim is not None:
+            if self.head_dim % 2:
+                msg = "must be even (RoPE rotates pairs)"
+                raise field_error(("head_dim",), "model_shape", msg, self.head_dim)
+        elif self.dim % self.n_heads:
+            msg = f"must be divisible by model.n_heads ({self.n_heads}), or set model.head_dim"
             raise field_error(("dim",), "model_shape", msg, self.dim)
-        if (self.dim // self.n_heads) % 2:
+        elif (self.dim // self.n_heads) % 2:
             msg = f"must be a multiple of 2 * model.n_heads ({2 * self.n_heads}): RoPE needs an even head dim"
             raise field_error(("dim",), "model_shape", msg, self.dim)
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:

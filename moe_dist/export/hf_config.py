@@ -13,7 +13,7 @@ n_heads -> num_attention_heads; max_seq_len -> max_position_embeddings; norm_eps
 tie_word_embeddings; router.top_k -> num_experts_per_tok; moe.num_experts -> num_local_experts
 (Mixtral) / num_experts (Qwen3); experts.ffn_hidden_size -> intermediate_size (Mixtral) /
 moe_intermediate_size (Qwen3); dense_ffn_hidden_size -> intermediate_size (Qwen3). Written out
-in both directions: n_kv_heads (or n_heads) -> num_key_value_heads; dim / n_heads -> head_dim;
+in both directions: n_kv_heads (or n_heads) -> num_key_value_heads; head_dim (or dim / n_heads) -> head_dim;
 router.renormalize -> norm_topk_prob (Qwen3); dense_layers -> mlp_only_layers = [0 .. N-1].
 ``qwen3_moe_lpr`` is the Qwen3 config plus the LPR keys and ``auto_map`` of
 ``hf_lpr.lpr_config_fields``.
@@ -99,7 +99,7 @@ def hf_config(
         "model_type": arch,
         **{theirs: field_value(model, ours) for ours, theirs in config_fields(arch)},
         "num_key_value_heads": model.n_kv_heads or model.n_heads,
-        "head_dim": model.dim // model.n_heads,
+        "head_dim": model.head_dim or model.dim // model.n_heads,
         "hidden_act": "silu",
         "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
         "rope_scaling": None,

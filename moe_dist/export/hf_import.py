@@ -77,6 +77,7 @@ STRUCTURE = (
     "n_layers",
     "n_heads",
     "n_kv_heads",
+    "head_dim",
     "qk_norm",
     "dense_layers",
     "tie_embeddings",

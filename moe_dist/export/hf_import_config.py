@@ -4,7 +4,7 @@ The inverse of ``hf_config``: the one-to-one fields are read through the same ta
 (``hf_config.config_fields``); the rest is written out here, beside what export writes:
 
 - ``num_key_value_heads`` -> ``n_kv_heads`` (None when it equals ``num_attention_heads``);
-- ``head_dim`` must be ``hidden_size / num_attention_heads`` (our attention's head dim);
+- ``head_dim`` -> ``model.head_dim`` when it is not ``hidden_size / num_attention_heads``;
 - Mixtral: ``renormalize: true`` (``MixtralTopKRouter`` always renormalises), no QK-norm,
   every layer MoE; Qwen3-MoE: QK-norm, ``norm_topk_prob`` -> ``renormalize``, the dense layers
   (``mlp_only_layers``, and the layers ``decoder_sparse_step`` skips) must be a prefix
@@ -20,7 +20,7 @@ The inverse of ``hf_config``: the one-to-one fields are read through the same ta
   fine-tuning with ``output_router_logits``. ``--set model.moe.losses=[]`` trains without it.
 
 Refused, each by name with the reason, all in one line (``HFImportError``, exit 2): another
-architecture (a few known MoE ones with what we lack), a head dim other than H / N, an
+architecture (a few known MoE ones with what we lack), an
 activation other than SiLU, a sliding window shorter than the context (Mixtral
 ``sliding_window``, Qwen3 ``use_sliding_window``), RoPE scaling (``rope_scaling`` /
 ``rope_parameters.rope_type`` other than default, ``partial_rotary_factor``), biases
@@ -153,11 +153,8 @@ def _common_problems(config: dict[str, Any], model: dict[str, Any]) -> list[str]
     problems = []
     H, N = model["dim"], model["n_heads"]
     head_dim = config.get("head_dim")
-    if head_dim is not None and H % N == 0 and head_dim != H // N:
-        problems.append(
-            f"head_dim: {head_dim}, but hidden_size / num_attention_heads = {H // N}; our attention's "
-            "head dim is model.dim / model.n_heads"
-        )
+    if head_dim is not None and (H % N or head_dim != H // N):
+        model["head_dim"] = head_dim  # Qwen3-30B-A3B: 128 at hidden 2048, 32 heads
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act: {config['hidden_act']}; our experts are SwiGLU (silu gate)")
     rope_types = {

@@ -86,7 +86,7 @@ def tensor_links(model: ModelConfig, arch: Arch) -> list[TensorLink]:
 def _block_links(model: ModelConfig, arch: Arch, i: int) -> list[TensorLink]:
     theirs, ours = f"model.layers.{i}.", f"blocks.{i}."
     N = model.n_heads
-    G, D = model.n_kv_heads or N, model.dim // N
+    G, D = model.n_kv_heads or N, model.head_dim or model.dim // N
     wqkv = f"{ours}attn.wqkv.weight"
     links = [
         TensorLink(f"{theirs}input_layernorm.weight", f"{ours}attn_norm.weight"),

@@ -1,7 +1,8 @@
 """Causal self-attention with rotary position embeddings (RoPE, Su et al. 2021).
 
 Shape legend: B batch, S sequence (new positions), P cached + new positions, H model dim,
-N query heads, G key/value heads (grouped-query attention, N = G * r), D head dim (H = N * D).
+N query heads, G key/value heads (grouped-query attention, N = G * r), D head dim (H / N unless
+``model.head_dim`` sets it: Qwen3-30B-A3B has H 2048, N 32, D 128).
 
 Forward:
 1. q, k, v = x @ Wq, x @ Wk, x @ Wv (one fused ``wqkv`` matrix: N, G, G heads of D rows each),
@@ -85,12 +86,13 @@ class CausalSelfAttention(nn.Module):
         n_kv_heads: int | None = None,
         qk_norm: bool = False,
         norm_eps: float = 1e-5,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.n_heads, self.head_dim = n_heads, head_dim or dim // n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.wqkv = nn.Linear(dim, (n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         nn.init.normal_(self.wqkv.weight, std=0.02)
         nn.init.normal_(self.wo.weight, std=out_std)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
@@ -103,7 +105,7 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x_BSH: torch.Tensor, mask_B1SS: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
-        B, S, H = x_BSH.shape
+        B, S, _ = x_BSH.shape
         N, G, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x_BSH).split([N * D, G * D, G * D], dim=-1)
         q_BSND, k_BSGD = q.view(B, S, N, D), k.view(B, S, G, D)
@@ -128,7 +130,7 @@ class CausalSelfAttention(nn.Module):
             P = past + S
             allowed_SP = torch.ones(S, P, dtype=torch.bool, device=x_BSH.device).tril(diagonal=past)
             o_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BNPD, v_BNPD, attn_mask=allowed_SP)
-        return self.wo(o_BNSD.transpose(1, 2).reshape(B, S, H))
+        return self.wo(o_BNSD.transpose(1, 2).reshape(B, S, N * D))
 
 
 def residual_out_std(n_layers: int, base: float = 0.02) -> float:

@@ -69,6 +69,7 @@ class Block(nn.Module):
             n_kv_heads=cfg.n_kv_heads,
             qk_norm=cfg.qk_norm,
             norm_eps=cfg.norm_eps,
+            head_dim=cfg.head_dim,
         )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module

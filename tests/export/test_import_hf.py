@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch as safetensors_torch  # noqa: E402 - the dev extra installs both
 import torch
+import transformers  # noqa: E402
 from rank_processes import run_on_ranks
 from train_helpers import TINY_TEXT
 
 from moe_dist.cli import main
 from moe_dist.data.tokenizer import train_bpe
 from moe_dist.training.trained_model import load_trained_model
-
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
 
 VOCAB = 300
 COMMON = dict(
@@ -37,12 +36,13 @@ MIXTRAL = dict(
     tie_word_embeddings=False,
     router_aux_loss_coef=0.02,
 )
-# Qwen3-MoE: QK-norm, GQA 4/1, a dense first layer, norm_topk_prob false, tied, sharded, a tokenizer.
+# Qwen3-MoE: QK-norm, GQA 4/1, a head dim other than hidden / heads (16 vs 8: Qwen3-30B-A3B has 128
+# vs 64), a dense first layer, norm_topk_prob false, tied, sharded, a tokenizer.
 QWEN3 = dict(
     COMMON,
     num_hidden_layers=3,
     num_key_value_heads=1,
-    head_dim=8,
+    head_dim=16,
     intermediate_size=40,
     moe_intermediate_size=24,
     num_experts=4,
