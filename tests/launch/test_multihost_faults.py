@@ -47,7 +47,7 @@ from moe_dist.parallel.startup import LaunchEnvError, check_socket_ifname
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
 EVERY, FAULT_AT = 5, 7  # checkpoint every 5 steps; the fault strikes at step 7 or later
 TIMEOUT_S, READ_TIMEOUT_S = 15, 5  # parallel.timeout_s, rendezvous.read_timeout_s
-STOP_S = 12  # torchrun's time to stop after its worker failed (measured 2-9 s on a loaded machine)
+STOP_S = 20  # torchrun's time to stop after its worker failed (measured 3-9 s on a busy 2-core machine)
 
 
 def fault_run(tmp: Path, hosts: TwoHosts, name: str, **cluster: object) -> tuple[Path, list[str]]:
@@ -83,13 +83,13 @@ def test_node_dies_host0_names_it_then_the_node_rejoins_and_the_run_resumes(
         for i in (0, 1)
     ]
     wait_until(lambda: last_step(runs) >= FAULT_AT, f"step {FAULT_AT}", 180, procs, logs)
-    killed_at = last_step(runs)
+    killed_at, kill = last_step(runs), time.monotonic()
     assert two_hosts.kill_host(1) >= 3  # the launch, torchrun's agent, the worker
     peer = two_hosts.hosts[1].addr
-    took = wait_until(
-        lambda: f"lost its peer {peer}" in logs[0].read_text(), "lost-peer line", 60, procs[:1], logs
-    )
+    wait_until(lambda: f"lost its peer {peer}" in logs[0].read_text(), "lost-peer line", 60, procs[:1], logs)
+    took = time.monotonic() - kill
     assert took < 10, f"host 0 named its lost peer only after {took:.1f} s"
+    print(f"node dies: host 0 named its lost peer {took:.1f} s after the kill")
     (line,) = [x for x in logs[0].read_text().splitlines() if "lost its peer" in x]
     assert line.startswith(f"error: rank 0 on node0 lost its peer {peer} (connection "), line
     # host 0's agent waits for the node (max_restarts 1); it comes back with the same launch
@@ -126,6 +126,7 @@ def test_partition_ends_both_sides_within_the_timeout_then_resumes(
                 ended[i] = time.monotonic() - cut
         time.sleep(0.1)
     assert all(p.poll() is not None for p in procs), f"a side still runs:\n{tails(logs)}"
+    ended = [e or time.monotonic() - cut for e in ended]  # the last one ended in the last poll
     assert [p.returncode for p in procs] == [1, 1]
     for i, log in enumerate(logs):
         text = log.read_text()
@@ -135,6 +136,7 @@ def test_partition_ends_both_sides_within_the_timeout_then_resumes(
     assert ended[0] <= TIMEOUT_S + STOP_S, f"host 0 ended {ended[0]:.1f} s after the cut"
     assert ended[1] <= TIMEOUT_S + READ_TIMEOUT_S + STOP_S, f"host 1 ended {ended[1]:.1f} s after the cut"
     assert "has not answered for" in logs[1].read_text()  # the agent watch stopped host 1's agent
+    print(f"partition: host 0 ended {ended[0]:.1f} s, host 1 {ended[1]:.1f} s after the cut")
     # the link returns; the same launch resumes from the last checkpoint
     two_hosts.set_link(1, up=True)
     outs, _ = launch_on_hosts(two_hosts, cluster, train, tmp_path, tag="-resume")

@@ -1,12 +1,14 @@
 """Every launcher that needs no scheduler, across two real network hosts (``two_hosts.TwoHosts``).
 
 The cluster YAML names the hosts' addresses and their NIC (``network.socket_ifname``); each
-host is a network namespace with its own address, hostname and routes, so the rendezvous,
-the gloo sockets and the EP all-to-all cross the link between them. ``EP2`` runs one process
-per host (the EP all-to-all crosses the hosts), ``DP2xEP2`` two per host (EP inside a host,
-data parallel and expert-data parallel across the hosts). The 20-step losses must equal the
-same run with ``backend: local`` on one host, and the workers seen in each host's namespace
-must be the ranks that host was given.
+host is a network namespace with its own address, hostname and routes, so the rendezvous
+and the gloo sockets cross the link between them. ``DP2xEP2`` runs two processes per host: EP
+inside a host, data parallel and expert-data parallel across the hosts; ``EP2`` (one process
+per host, the EP all-to-all crossing the hosts) runs with torchrun in
+``test_multihost_telemetry.py`` and ``test_multihost_faults.py``; add ``EP2`` pairs to
+``RUNS`` for the other launchers (about 30 s each for mpirun, 60 s for deepspeed on a busy
+2-core machine). The 20-step losses must equal the same run with ``backend: local`` on one
+host, and the workers seen in each host's namespace must be the ranks that host was given.
 
 - torchrun: the same launch on each host with ``--node-rank``; c10d rendezvous on host 0.
 - deepspeed: ``deepspeed.no_ssh`` and ``--node-rank`` on each host.
@@ -32,10 +34,10 @@ from two_hosts import TwoHosts, no_leftovers, two_hosts  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftovers")]
 PER_HOST = {"EP2": 1, "DP2xEP2": 2}  # processes per host; tiny.yaml has ep_size 2
+RUNS = [("torchrun", "DP2xEP2"), ("deepspeed", "DP2xEP2"), ("mpirun", "DP2xEP2")]
 
 
-@pytest.mark.parametrize("layout", ["EP2", "DP2xEP2"])
-@pytest.mark.parametrize("backend", ["torchrun", "deepspeed", "mpirun"])
+@pytest.mark.parametrize(("backend", "layout"), RUNS)
 def test_launcher_across_two_hosts_matches_one_host(
     backend: str,
     layout: str,

@@ -24,6 +24,7 @@ from multihost_launch import (
     cross_host_cluster,
     last_step,
     one_host_losses,
+    step_seconds,
     tails,
     train_cmd,
     wait_until,
@@ -133,3 +134,4 @@ def test_prometheus_scrapes_every_rank_on_both_hosts(
     out = "".join(log.read_text() for log in logs)
     assert "world 2 = DP 1 x EP 2" in out, tails(logs)
     assert_same_losses(logged_losses(runs), one_host_losses(tmp_path_factory, 2))
+    print(f"veth link: {step_seconds(runs):.3f} s per step")
