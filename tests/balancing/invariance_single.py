@@ -114,12 +114,16 @@ def _model_run(
     }
 
 
-def check_recompute(case: Case, n_layers: int = 1, groups: ParallelGroups | None = None) -> None:
+def check_recompute(
+    case: Case, n_layers: int = 1, groups: ParallelGroups | None = None, per_term: bool = True
+) -> None:
     """Every run first, then the comparisons (with ``groups`` over several ranks, every rank must
-    take part in every forward's collectives even when its comparison fails)."""
+    take part in every forward's collectives even when its comparison fails). ``per_term``: also
+    each term's own gradient (a forward and backward per term)."""
     off, on = (_model_run(case, ckpt, n_layers, groups) for ckpt in (False, True))
-    per_term = {
-        t: [_model_run(case, ckpt, n_layers, groups, t) for ckpt in (False, True)] for t in off["terms"]
+    terms = off["terms"] if per_term else {}
+    per_term_grads = {
+        t: [_model_run(case, ckpt, n_layers, groups, t) for ckpt in (False, True)] for t in terms
     }
     where = f"{case.name} with activation recomputation"
     assert off["counted"] > 0 and on["terms"].keys() == off["terms"].keys(), where
@@ -129,7 +133,7 @@ def check_recompute(case: Case, n_layers: int = 1, groups: ParallelGroups | None
         assert on[group].keys() == off[group].keys(), (where, group)
         for k, t in on[group].items():
             torch.testing.assert_close(t, off[group][k], **TOL, msg=f"{where}: {group} {k}")
-    for term, (g_off, g_on) in per_term.items():
+    for term, (g_off, g_on) in per_term_grads.items():
         for k, t in g_on.items():
             torch.testing.assert_close(t, g_off[k], **TOL, msg=f"{where}: {term} grad {k}")
 
