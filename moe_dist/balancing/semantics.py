@@ -9,7 +9,8 @@ step's W * A micro-batches:
 - native: ``(task + aux) / grad_accum`` per micro-batch, backward (``training/native_engine.py``
   ``forward_backward``), gradients summed over the ranks and divided by the world size
   (``training/grad_sync.py``);
-- Megatron-Core: its schedule sets ``MoEAuxLossAutoScaler`` to ``1 / num_microbatches``, DP averages;
+- Megatron-Core: its schedule sets ``MoEAuxLossAutoScaler`` to ``1 / num_microbatches``, DP averages
+  (with ``calculate_per_token_loss`` a token-weighted mean: the same for equal micro-batches);
 - DeepSpeed: the engine divides the loss by the accumulation steps, DP averages.
 
 No term multiplies itself by ``grad_accum`` (``grad_accum: mean``), so a coefficient means the same
