@@ -88,10 +88,6 @@ class MoELayer(nn.Module):
             self.num_experts, self.groups.ep_group, cfg.capacity_factor, self.groups.ep_shm, cfg.fused_kernels
         )
 
-    # ``model.compile`` compiles each block around this layer, not through it: the layer's
-    # autograd functions, collectives and host-side plans are its own kernels already (and its
-    # memory-bound parts are compiled on their own, ``ops/compiled.py``).
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
             raise ValueError(

@@ -114,9 +114,14 @@ class MoETransformer(nn.Module):
     def compile_blocks(self) -> None:
         """``model.compile``: each block becomes its own compiled module (torchtitan's
         ``apply_compile``: a graph per block, one compile reused by every block of the same
-        shapes). The MoE layer inside runs eagerly (``MoELayer.forward``), so the compiled
-        graphs are attention, norms and residuals."""
+        shapes). The MoE layer inside runs eagerly, so the compiled graphs are attention, norms
+        and residuals: its autograd functions, collectives and host-side plans are its own
+        kernels already, and its memory-bound parts compile on their own (``ops/compiled.py``).
+        (Disabled here, per instance, not with a decorator on the class: that would import
+        ``torch._dynamo`` with the layer, seconds at every process start.)"""
         for block in self.blocks:
+            if block.is_moe:
+                block.ffn.forward = torch.compiler.disable(block.ffn.forward)
             block.compile()
 
     def moe_layers(self) -> list[HasGate]:
