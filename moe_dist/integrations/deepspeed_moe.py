@@ -157,6 +157,18 @@ class MoeDistGate(TopKGate):
             if routing.experts_TK.shape[0] != T:
                 raise RuntimeError(f"MoeDistGate: pre-routed {routing.experts_TK.shape[0]} tokens, got {T}")
         else:
+            # DeepSpeed's own MOELayer flattens the batch: one sequence of T tokens as far as we know
+            per_sequence = [
+                n
+                for n, loss in zip(self.gate.loss_names, self.gate.losses)
+                if loss.semantics.batch == "sequence"
+            ]
+            if per_sequence:
+                raise RuntimeError(
+                    f"MoeDistGate: {', '.join(per_sequence)} is computed per sequence, and DeepSpeed's MoE "
+                    "hands the gate a flat batch without its shape; build the layer with "
+                    "moe_dist.integrations.deepspeed_moe.build_deepspeed_moe, which routes with (B, S)"
+                )
             routing, aux = self.gate(input, 1, T)
             if routing.expert_input_delta_TH is not None:
                 raise RuntimeError(

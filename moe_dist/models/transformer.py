@@ -25,6 +25,8 @@ context that snapshots those statistics (the layer's `Gate`'s) and restores them
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,22 @@ class Block(nn.Module):
         return h_BSH + y_BSH, aux
 
 
+class _EachTime(contextlib.AbstractContextManager):
+    """A context manager that makes a new one from ``make()`` at every ``with`` (re-enterable)."""
+
+    def __init__(self, make: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.make = make
+        self.entered: list[contextlib.AbstractContextManager] = []
+
+    def __enter__(self) -> Any:
+        cm = self.make()
+        self.entered.append(cm)
+        return cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self.entered.pop().__exit__(*exc)
+
+
 class MoETransformer(nn.Module):
     """Decoder-only transformer whose FFNs are ``MoELayer``s (after ``dense_layers`` dense ones).
 
@@ -135,8 +153,11 @@ class MoETransformer(nn.Module):
             return block(h_BSH, mask_B1SS)
 
         def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-            recompute = block.ffn.gate.stats_restored() if block.is_moe else contextlib.nullcontext()
-            return contextlib.nullcontext(), recompute
+            if not block.is_moe:
+                return contextlib.nullcontext(), contextlib.nullcontext()
+            # a fresh stats_restored() per recompute: a second backward through the same
+            # forward (retain_graph) recomputes again
+            return contextlib.nullcontext(), _EachTime(block.ffn.gate.stats_restored)
 
         return checkpoint(block, h_BSH, mask_B1SS, use_reentrant=False, context_fn=contexts)
 

@@ -348,3 +348,18 @@ def test_engine_checkpoint_kill_and_resume_equals_uninterrupted(tmp_path) -> Non
     assert resumed[0]["logged"] == list(range(1, 9))  # the dead run's steps 5-6 are not logged twice
     kept = sorted(p.name for p in (tmp_path / "killed/dsr/checkpoints").glob("step_*"))
     assert kept == ["step_000004", "step_000008"]
+
+
+def test_gate_called_flat_refuses_a_per_sequence_loss() -> None:
+    """DeepSpeed's own MOELayer hands the gate [T, H] without the batch shape: a per-sequence loss
+    (seq_aux) would treat the micro-batch as one sequence, so the gate refuses; with the shape
+    (``route``, as ``build_deepspeed_moe`` does) it runs."""
+    from moe_dist.integrations.deepspeed_moe import MoeDistGate
+
+    cfg = moe_config({"name": "topk_softmax", "top_k": 2}, [{"name": "seq_aux", "coef": 0.01}])
+    gate = MoeDistGate(cfg, H, drop_tokens=False)
+    x = torch.randn(12, H)
+    with pytest.raises(RuntimeError, match="seq_aux is computed per sequence"):
+        gate(x)
+    gate.route(x, 2, 6)
+    assert gate(x)[0] is not None
