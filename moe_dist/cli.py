@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:
-        # Every rank hits the same config/data error; one copy of the message is enough.
-        if os.environ.get("RANK", "0") == "0":
+        # Every rank hits the same config/data error: one copy per host is enough (local rank 0,
+        # so a host whose own setup is wrong still says why, under any launcher)
+        if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0":
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
