@@ -42,30 +42,32 @@ def scaled_activation_eager(h_nG: torch.Tensor, s_n: torch.Tensor | None, swiglu
     return a_nF.mul_(s_n.to(a_nF.dtype).unsqueeze(1)) if s_n is not None else a_nF
 
 
+def _scale_backward(du_nF: torch.Tensor, a_nF: torch.Tensor, s_n: torch.Tensor | None) -> torch.Tensor | None:
+    """The routing weight's part of the backward, in place: ``ds = rowsum(du * u)`` (fp32), then
+    ``a = s * u`` and ``du = s * du`` (= da); None without ``s``."""
+    if s_n is None:
+        return None
+    ds_n = torch.linalg.vecdot(du_nF, a_nF).float()
+    s_n1 = s_n.to(a_nF.dtype).unsqueeze(1)
+    a_nF.mul_(s_n1)
+    du_nF.mul_(s_n1)
+    return ds_n
+
+
 def activation_backward_eager(
     du_nF: torch.Tensor, h_nG: torch.Tensor, s_n: torch.Tensor | None, swiglu: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(a, dh, ds)``; consumes ``du``."""
     if not swiglu:
         a_nF = F.gelu(h_nG)
-        ds_n = None
-        if s_n is not None:
-            ds_n = torch.linalg.vecdot(du_nF, a_nF).float()
-            s_n1 = s_n.to(a_nF.dtype).unsqueeze(1)
-            a_nF.mul_(s_n1)
-            du_nF.mul_(s_n1)  # now da
+        ds_n = _scale_backward(du_nF, a_nF, s_n)
         return a_nF, torch.ops.aten.gelu_backward(du_nF, h_nG), ds_n
     h1, h3 = _halves(h_nG)
     F_ = h1.shape[-1]
     dh_nG = torch.empty_like(h_nG)
     act_nF = torch.ops.aten.silu.out(h1, out=dh_nG[:, F_:])  # silu(h1), where dh3 will be
     a_nF = act_nF * h3
-    ds_n = None
-    if s_n is not None:
-        ds_n = torch.linalg.vecdot(du_nF, a_nF).float()
-        s_n1 = s_n.to(a_nF.dtype).unsqueeze(1)
-        a_nF.mul_(s_n1)
-        du_nF.mul_(s_n1)  # now da
+    ds_n = _scale_backward(du_nF, a_nF, s_n)
     act_nF.mul_(du_nF)  # dh3 = da * silu(h1), in place in dh's right half
     torch.ops.aten.silu_backward.grad_input(du_nF.mul_(h3), h1, grad_input=dh_nG[:, :F_])
     return a_nF, dh_nG, ds_n

@@ -33,3 +33,21 @@ def valid_losses(router_name: str) -> list[dict]:
         if not validate_moe(cfg, H):
             out.append({"name": name, "coef": 0.1})
     return out
+
+
+def transformer_config(cfg: MoEConfig, ep_size: int = 1, **extra):  # noqa: ANN003, ANN201
+    """Megatron-Core's ``TransformerConfig`` for ``cfg`` on CPU (allgather dispatcher, no biases)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from moe_dist.integrations.megatron import transformer_config_fields
+
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=4,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        moe_token_dispatcher_type="allgather",
+        **transformer_config_fields(cfg, ep_size),
+        **extra,
+    )

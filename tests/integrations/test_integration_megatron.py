@@ -10,26 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from integration_helpers import E, H, moe_config, valid_losses
+from integration_helpers import E, H, moe_config, transformer_config, valid_losses
 from rank_processes import run_on_ranks
 
-from moe_dist.config import MoEConfig
-from moe_dist.integrations.megatron import routing_to_megatron, transformer_config_fields
-
-
-def transformer_config(cfg: MoEConfig, ep_size: int = 1, **extra):  # noqa: ANN003, ANN201
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=1,
-        hidden_size=H,
-        num_attention_heads=4,
-        add_bias_linear=False,
-        use_cpu_initialization=True,
-        moe_token_dispatcher_type="allgather",
-        **transformer_config_fields(cfg, ep_size),
-        **extra,
-    )
+from moe_dist.integrations.megatron import routing_to_megatron
 
 
 def test_routing_to_megatron_worked_example() -> None:

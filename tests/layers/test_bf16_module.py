@@ -14,7 +14,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from integration_helpers import H, moe_config, valid_losses  # noqa: E402
+from integration_helpers import H, moe_config, transformer_config, valid_losses  # noqa: E402
 from rank_processes import run_on_ranks  # noqa: E402
 
 from moe_dist.layers.moe_layer import MoELayer  # noqa: E402
@@ -93,9 +93,8 @@ def test_deepspeed_moe_with_bf16_parameters(router_name: str) -> None:
 
 def _megatron_bf16_body(rank: int, world_size: int, cases: list[tuple[dict, list[dict]]]) -> list[dict]:
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from moe_dist.integrations.megatron import MoeDistRouter, transformer_config_fields
+    from moe_dist.integrations.megatron import MoeDistRouter
 
     ps.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=1)
     out = []
@@ -103,15 +102,7 @@ def _megatron_bf16_body(rank: int, world_size: int, cases: list[tuple[dict, list
         if router["name"] == "lpr":
             router = {**router, "add_decoded_latent": False}  # Megatron dispatches hidden states unchanged
         cfg = moe_config(router, losses)
-        tc = TransformerConfig(
-            num_layers=1,
-            hidden_size=H,
-            num_attention_heads=4,
-            add_bias_linear=False,
-            use_cpu_initialization=True,
-            moe_token_dispatcher_type="allgather",
-            **transformer_config_fields(cfg, 1),
-        )
+        tc = transformer_config(cfg)
         routers = []
         for _ in range(2):  # the same weights twice (it holds process groups: no deepcopy)
             torch.manual_seed(0)
