@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from integration_helpers import transformer_config as megatron_config
 from invariance_harness import (
     LAYOUTS,
     TOL,
@@ -95,19 +96,7 @@ def check_layout(case: Case, layout: Layout, per_rank: list[dict[str, Any]]) -> 
 
 
 def transformer_config(case: Case) -> Any:
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from moe_dist.integrations.megatron import transformer_config_fields
-
-    return TransformerConfig(
-        num_layers=1,
-        hidden_size=H,
-        num_attention_heads=2,
-        add_bias_linear=False,
-        use_cpu_initialization=True,
-        moe_token_dispatcher_type="allgather",
-        **transformer_config_fields(case.moe_config(megatron=True), 1),
-    )
+    return megatron_config(case.moe_config(megatron=True), 1, hidden=H, heads=2)
 
 
 def megatron_case(case: Case, rank: int, layout: Layout) -> dict[str, Any]:

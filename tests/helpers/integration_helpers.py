@@ -35,7 +35,7 @@ def valid_losses(router_name: str) -> list[dict]:
     return out
 
 
-def transformer_config(cfg: MoEConfig, ep_size: int = 1, **extra):  # noqa: ANN003, ANN201
+def transformer_config(cfg: MoEConfig, ep_size: int = 1, hidden: int = H, heads: int = 4, **extra):  # noqa: ANN003, ANN201
     """Megatron-Core's ``TransformerConfig`` for ``cfg`` on CPU (allgather dispatcher, no biases)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -43,8 +43,8 @@ def transformer_config(cfg: MoEConfig, ep_size: int = 1, **extra):  # noqa: ANN0
 
     return TransformerConfig(
         num_layers=1,
-        hidden_size=H,
-        num_attention_heads=4,
+        hidden_size=hidden,
+        num_attention_heads=heads,
         add_bias_linear=False,
         use_cpu_initialization=True,
         moe_token_dispatcher_type="allgather",
