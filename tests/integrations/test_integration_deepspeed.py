@@ -7,6 +7,7 @@ The first multi-process launch JIT-builds DeepSpeed's shm op (~30-40 s, cached a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported here or in workers
 
@@ -363,3 +364,39 @@ def test_gate_called_flat_refuses_a_per_sequence_loss() -> None:
         gate(x)
     gate.route(x, 2, 6)
     assert gate(x)[0] is not None
+
+
+def _bf16_engine_body(rank: int, world_size: int, out: str) -> dict:
+    import io
+
+    from moe_dist.config import load_config
+    from moe_dist.integrations.deepspeed_engine import DeepSpeedEngine
+    from moe_dist.training.run import train
+
+    sets = ["parallel.ep_size=1", "parallel.engine=deepspeed", "run.precision=bf16", f"run.out_dir={out}",
+            "schedule.steps=8", "optim.lr=1e-2", "data.max_bytes=200000"]  # fmt: skip
+    cfg = load_config(Path(__file__).resolve().parents[1] / "assets" / "tiny.yaml", sets)
+    engines: list[DeepSpeedEngine] = []
+
+    def make(*args):  # noqa: ANN002, ANN202
+        engines.append(DeepSpeedEngine(*args))
+        return engines[-1]
+
+    stream = io.StringIO()
+    result = train(cfg, make, stream=stream)
+    return {
+        "dtypes": sorted({str(p.dtype) for p in engines[0].engine.module.parameters()}),
+        "losses": result.losses,
+        "log": stream.getvalue(),
+    }
+
+
+@pytest.mark.slow
+def test_engine_honours_bf16(tmp_path: Path) -> None:
+    """``run.precision: bf16`` under the DeepSpeed engine: DeepSpeed's bf16 mode (bf16 weights, fp32
+    master copies in its optimizer wrapper); the run trains."""
+    (res,) = run_on_ranks(_bf16_engine_body, 1, (str(tmp_path),))
+    assert res["dtypes"] == ["torch.bfloat16"], res["dtypes"]
+    assert "ZeRO 0, bf16" in res["log"]
+    losses = res["losses"]
+    assert all(v == v for v in losses.values()) and losses[8] < losses[1], losses
