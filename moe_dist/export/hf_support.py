@@ -77,6 +77,11 @@ def export_problems(model: ModelConfig, arch: Arch) -> list[str]:
             "model.moe.router.renormalize: false, but Mixtral always renormalises the top-k weights "
             "(use --arch qwen3_moe: norm_topk_prob false)"
         )
+    if router.name == "topk_softmax" and getattr(router, "bias_update_rate", 0) > 0:
+        problems.append(
+            f"model.moe.router.bias_update_rate: {router.bias_update_rate}; the loss-free expert bias "
+            f"changes which experts are chosen, and {arch}'s router has no bias"
+        )
     if moe.capacity_factor is not None:
         problems.append(
             f"model.moe.capacity_factor: {moe.capacity_factor} drops token-slots over capacity; "

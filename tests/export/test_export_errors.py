@@ -64,10 +64,16 @@ def test_drops_shared_experts_and_gelu_named_together(
         "model.moe.shared_experts.count=1",
         "model.moe.shared_experts.ffn_hidden_size=16",
         "model.moe.experts.activation=gelu",
+        "model.moe.router.bias_update_rate=0.001",
         steps=1,
     )
     msg = refused(run, tmp_path, "--arch", "qwen3_moe")
-    for what in ("model.moe.capacity_factor: 1.0", "model.moe.shared_experts.count: 1", "activation: gelu"):
+    for what in (
+        "model.moe.capacity_factor: 1.0",
+        "model.moe.shared_experts.count: 1",
+        "activation: gelu",
+        "model.moe.router.bias_update_rate: 0.001",  # the loss-free bias has no HF counterpart
+    ):
         assert what in msg
     assert "model.qk_norm: false" in msg  # and Qwen3 needs QK-norm
 
