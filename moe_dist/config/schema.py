@@ -107,7 +107,7 @@ class ModelConfig(Section):
                 msg = "must be even (RoPE rotates pairs)"
                 raise field_error(("head_dim",), "model_shape", msg, self.head_dim)
         elif self.dim % self.n_heads:
-            msg = f"must be divisible by model.n_heads ({self.n_heads}), or set model.head_dim"
+            msg = f"must be divisible by model.n_heads ({self.n_heads})"
             raise field_error(("dim",), "model_shape", msg, self.dim)
         elif (self.dim // self.n_heads) % 2:
             msg = f"must be a multiple of 2 * model.n_heads ({2 * self.n_heads}): RoPE needs an even head dim"

@@ -255,7 +255,7 @@ def train(
                 if row.skipped:
                     result.skipped_steps.append(row.step)
                     console.say(
-                        f"step {row.step}: non-finite loss or gradient norm on some rank; update skipped"
+                        f"step {row.step}: non-finite loss or gradient norm on some rank; step skipped"
                     )
                 record = step_record(
                     row, tokens_per_step, util.fields(mem_W, tokens_per_step / row.step_seconds)
