@@ -2,11 +2,15 @@
 # Every GPU check in one command, on a bare GPU machine (tests/gpu/README.md). Under 6 minutes on
 # one H100/H200. Writes every result under $OUT (default runs/gpu_check):
 #   env.json                  device, torch, CUDA, the packages used
-#   tests_gpu.xml, tests_gpu.log   pytest tests/gpu (JUnit XML and the log)
+#   bench_train.jsonl         tools/bench_train.py, one JSON object per config and variant (eager,
+#                             model.compile): tokens/s, MFU, peak memory, breakdown, host gaps
 #   bench_layer_cuda.json     the MoE layer against Megatron-Core and a bf16 GEMM, three shapes
-#   bench_train_<name>.json   tools/bench_train.py: tokens/s, MFU, peak memory, breakdown, host gaps
-#   summary.txt               one line per check with its exit code
+#   tests_gpu.xml, tests_gpu.log   pytest tests/gpu (JUnit XML and the log)
+#   summary.txt               one line per check with its exit code and seconds
 # Usage:  tools/gpu_check.sh [--dry-run]     (from the repository root)
+# GPU_CHECK_DEADLINE_S=N ends the script within N seconds (a lease's limit): each check's own
+# limit is cut to what is left, and checks that would get under 20 s are skipped. The checks run
+# in the order of what they decide (the MFU targets first), so a cut run loses the least.
 # Missing Python packages (pydantic, megatron-core) are installed from the ignored .whl/ folder
 # when the machine has no package index (how to fill it: tests/gpu/README.md).
 set -uo pipefail
@@ -32,11 +36,17 @@ check() {  # check NAME TIMEOUT_S COMMAND...: run it, record its exit code, neve
   shift 2
   echo "== $name: $*"
   if [ $DRY = 1 ]; then echo "$name dry-run" >> "$OUT/summary.txt"; return; fi
+  if [ "$DEADLINE" -gt 0 ]; then
+    local left=$((DEADLINE - SECONDS))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 20 ]; then echo "$name skipped (deadline)" >> "$OUT/summary.txt"; return; fi
+  fi
   local t0=$SECONDS
   timeout "$limit" "$@"
   local rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s" >> "$OUT/summary.txt"
 }
+DEADLINE=${GPU_CHECK_DEADLINE_S:-0}
 
 # 2. what ran where
 check env 60 $PY -c "
@@ -50,22 +60,33 @@ for mod in ('megatron.core', 'transformers', 'pydantic'):
         info[mod] = 'missing: %s' % exc
 json.dump(info, open('$OUT/env.json', 'w'), indent=1); print(info)"
 
-# 3. tests/gpu
-check tests_gpu 150 $PY -m pytest -q -p no:cacheprovider tests/gpu -o addopts= \
-  --junitxml "$OUT/tests_gpu.xml" 2>&1 | tee "$OUT/tests_gpu.log"
+# 3. training throughput (the byte-level stdlib corpus: throughput does not depend on the text,
+#    and the machine needs no prepared data). The two MFU targets first, eager and compiled.
+BYTES=(--set data.paths=[] --set data.tokenizer.kind=bytes --set data.max_bytes=4000000)
+bench_train() {  # bench_train NAME TIMEOUT_S CONFIG [ARGS...]: one line of bench_train.jsonl
+  local name=$1 limit=$2 cfg=$3
+  shift 3
+  check "bench_train_$name" "$limit" $PY tools/bench_train.py "$cfg" "${BYTES[@]}" --steps 10 --warmup 3 \
+    "$@" --out "$OUT/bench_train_$name.json"
+  [ -f "$OUT/bench_train_$name.json" ] && tr -d '\n' < "$OUT/bench_train_$name.json" >> "$OUT/bench_train.jsonl" \
+    && echo >> "$OUT/bench_train.jsonl" && rm "$OUT/bench_train_$name.json"
+}
+: > "$OUT/bench_train.jsonl"
+bench_train mixtral_gpu 90 configs/models/mixtral_gpu.yaml
+bench_train simbal_paper_gpu 90 configs/compare/simbal_paper_gpu.yaml
+bench_train mixtral_gpu_compiled 150 configs/models/mixtral_gpu.yaml --set model.compile=true
+bench_train simbal_paper_gpu_compiled 150 configs/compare/simbal_paper_gpu.yaml --set model.compile=true
 
 # 4. the layer against Megatron-Core and the GEMM ceiling
 check bench_layer_cuda 120 $PY tools/bench_layer_cuda.py --iters 10 --out "$OUT/bench_layer_cuda.json"
 
-# 5. training throughput of the GPU configs (the byte-level stdlib corpus: throughput does not
-#    depend on the text, and the machine needs no prepared data)
-BYTES=(--set data.paths=[] --set data.tokenizer.kind=bytes --set data.max_bytes=4000000)
-for cfg in configs/models/mixtral_gpu.yaml configs/models/qwen3_moe_gpu.yaml \
-           configs/models/deepseek_v3_gpu.yaml configs/compare/simbal_paper_gpu.yaml; do
-  name=$(basename "$cfg" .yaml)
-  check "bench_train_$name" 100 $PY tools/bench_train.py "$cfg" "${BYTES[@]}" --steps 10 --warmup 3 \
-    --out "$OUT/bench_train_$name.json"
-done
+# 5. tests/gpu
+check tests_gpu 180 $PY -m pytest -q -p no:cacheprovider tests/gpu -o addopts= --timeout=100 \
+  --junitxml "$OUT/tests_gpu.xml" 2>&1 | tee "$OUT/tests_gpu.log"
+
+# 6. the other GPU model configs
+bench_train qwen3_moe_gpu 90 configs/models/qwen3_moe_gpu.yaml
+bench_train deepseek_v3_gpu 90 configs/models/deepseek_v3_gpu.yaml
 
 echo "== summary ($OUT/summary.txt)"
 cat "$OUT/summary.txt"
