@@ -18,6 +18,8 @@ F 1408, E 64, K 6):
 4. for our layer the share of the step that is not the experts (router, dispatch, combine: the
    step minus the experts alone on the rows and routing weights one dispatch gives them).
 An implementation that fails (not importable, out of memory) gets a row with its error.
+``--profile N`` adds, for our layer, N profiled steps: its kernels by device time and the host
+ops (``step_profile.py``); ``--only-ours`` leaves Megatron-Core out.
 
 Prints a table and writes JSON (``--out``); ``bench_layer_cpu.py`` is the CPU counterpart.
 Without a visible CUDA GPU it exits with a message (``--help`` works anywhere).
@@ -52,6 +54,7 @@ from bench_common import (  # noqa: E402
 from moe_dist.layers.moe_layer import MoELayer  # noqa: E402
 from moe_dist.ops.compiled import compile_failures  # noqa: E402
 from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
+from tools.step_profile import print_profile, profile_steps  # noqa: E402
 
 CUDA_SHAPES = {
     "mixtral-like": {"hidden": 4096, "ffn": 14336, "experts": 8, "top_k": 2},
@@ -188,7 +191,8 @@ def _shape_rows(
     note = "grouped_mm" if layer.experts.use_grouped_mm(x) else "per-expert loop"
     impls: dict[str, Impl] = {"ours": (layer_step(layer, x, gy), note, lambda: kept_bytes(layer, x))}
     try:
-        impls["megatron-core"] = _megatron_impl(x, gy, H, Fh, E, K)
+        if not args.only_ours:
+            impls["megatron-core"] = _megatron_impl(x, gy, H, Fh, E, K)
     except Exception as exc:  # noqa: BLE001 - not importable or not buildable here: report it
         rows.append({"shape": shape_name, "impl": "megatron-core", "error": f"{type(exc).__name__}: {exc}"})
     gemm_bytes = gemm_activation_bytes(T * K, H, Fh, 2)  # bf16
@@ -218,6 +222,8 @@ def _shape_rows(
         if name == "ours":  # router + dispatch + combine: the layer minus its experts alone
             experts_secs = _cuda_time(_experts_step(layer, x), args.iters, args.warmup)
             row["routing_overhead_fraction"] = 1.0 - experts_secs / secs
+            if args.profile:
+                row["profile"] = profile_steps(step, args.profile)
         rows.append(row)
     return rows
 
@@ -257,11 +263,17 @@ def print_table(out: dict[str, Any]) -> None:
             + (f"  routing {overhead:.0%} of the step" if overhead is not None else "")
             + f"  {r['note']}"
         )
+        if "profile" in r:
+            print_profile(r["profile"])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p, tokens_default=8192, tokens_help="tokens (one GPU, EP = 1)")
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile N steps of ours (step_profile.py)"
+    )
+    p.add_argument("--only-ours", action="store_true", help="leave Megatron-Core's layer out")
     args = p.parse_args(argv)
     check_positive(p, args, ["tokens", "iters"])
     out = run_cuda(args)

@@ -14,9 +14,10 @@ data:
    CUDA only), peak memory.
 2. Breakdown, from events recorded inside the timed steps (CUDA events on a GPU: no sync;
    the host clock on CPU): forward, backward, gradient reduction + clip, optimizer + step hook.
-3. CUDA: ``--profile-steps`` more steps under ``torch.profiler``: device busy time (the union of
-   all kernel intervals) against the steps' wall span; the rest is the host gaps, where the GPU
-   waited for Python.
+3. ``--profile-steps`` more steps under ``torch.profiler`` (``step_profile.py``): device
+   busy time (the union of all kernel intervals) against the steps' wall span (the rest is the
+   host gaps, where the GPU waited for Python), the kernels that take the time and the host ops
+   that take the host's.
 
 Prints a table and writes JSON. On CPU it is the smoke test CI runs (a few steps, small config).
 """
@@ -26,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from moe_dist.training.native_engine import NativeEngine  # noqa: E402
 from moe_dist.training.run import pick_device  # noqa: E402
 from moe_dist.training.step_hook import finish_step  # noqa: E402
 from moe_dist.training.utilization import flops_per_token, peak_memory_bytes, peak_tflops_for  # noqa: E402
+from tools.step_profile import print_profile, profile_steps  # noqa: E402
 
 PHASES = ("forward", "backward", "reduce_clip", "optimizer")
 
@@ -105,31 +105,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _busy_and_span(run: Callable[[], None], steps: int) -> tuple[float, float]:
-    """(device busy seconds, wall seconds) of ``steps`` calls of ``run`` under the profiler."""
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                run()
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text()).get("traceEvents", [])
-    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel" and "dur" in e)
-    busy_us, end = 0.0, -1.0
-    for start, stop in kernels:  # the union of the kernel intervals
-        if stop > end:
-            busy_us += stop - max(start, end)
-            end = stop
-    span_us = (kernels[-1][1] - kernels[0][0]) if kernels else wall * 1e6
-    return busy_us / 1e6, max(span_us / 1e6, busy_us / 1e6)
-
-
 def training_config(path: str, overrides: list[str], arm: str | None) -> Config:
     """The config of ``path``, one process; a comparison preset gives its baseline arm (or ``arm``)."""
     sets = ["parallel.ep_size=1", "parallel.data_parallel=replicate", *overrides]
@@ -148,7 +123,7 @@ def training_config(path: str, overrides: list[str], arm: str | None) -> Config:
 
 
 def bench(
-    config: str, overrides: list[str], steps: int, warmup: int, profile_steps: int, arm: str | None = None
+    config: str, overrides: list[str], steps: int, warmup: int, profile_steps_n: int, arm: str | None = None
 ) -> dict[str, Any]:
     cfg = training_config(config, overrides, arm)
     device = pick_device(cfg.run.device, 0)
@@ -189,17 +164,11 @@ def bench(
         peak = cfg.run.peak_tflops or peak_tflops_for(out["device"])
         if peak:
             out["mfu"] = flops_per_token(engine.model, cfg) * out["tokens_per_s"] / (peak * 1e12)
-        if profile_steps:
-            counter = iter(range(10**9))
-            busy, span = _busy_and_span(
-                lambda: _step(engine, batches, warmup + steps + next(counter), None), profile_steps
-            )
-            out["profiled"] = {
-                "steps": profile_steps,
-                "device_busy_s_per_step": busy / profile_steps,
-                "span_s_per_step": span / profile_steps,
-                "host_gap_fraction": 1.0 - busy / span,
-            }
+    if profile_steps_n:
+        counter = iter(range(10**9))
+        out["profiled"] = profile_steps(
+            lambda: _step(engine, batches, warmup + steps + next(counter), None), profile_steps_n
+        )
     return out
 
 
@@ -217,10 +186,7 @@ def print_table(out: dict[str, Any]) -> None:
     for name, sec in out["breakdown_s"].items():
         print(f"  {name:<12}{sec * 1e3:9.2f} ms  {sec / total:6.1%}")
     if "profiled" in out:
-        p = out["profiled"]
-        busy, span = p["device_busy_s_per_step"] * 1e3, p["span_s_per_step"] * 1e3
-        gaps = p["host_gap_fraction"]
-        print(f"  device busy {busy:.1f} ms of a {span:.1f} ms span per step: host gaps {gaps:.0%}")
+        print_profile(out["profiled"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arm", default=None, help="a comparison preset's arm (default: its baseline)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--profile-steps", type=int, default=3, help="CUDA: profiled steps for the host gaps")
+    p.add_argument(
+        "--profile-steps", type=int, default=3, help="profiled steps: host gaps, top kernels and host ops"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.profile_steps < 0:

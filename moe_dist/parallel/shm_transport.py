@@ -25,6 +25,7 @@ creation, when every peer has mapped it, so nothing is left in ``/dev/shm`` afte
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import secrets
@@ -170,6 +171,13 @@ class ShmTransport:
     def move(self, x_XH: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
         """Send ``x_XH``'s chunks per ``plan.send``, return the received ones in ``plan.recv``
         order (no autograd; ``chunk_exchange.exchange_chunks`` wraps it)."""
+        if x_XH.device.type != "cpu":  # gloo ranks sharing one GPU: the shared memory is host memory
+            host_plan = dataclasses.replace(
+                plan,
+                send_index=None if plan.send_index is None else plan.send_index.cpu(),
+                recv_index=None if plan.recv_index is None else plan.recv_index.cpu(),
+            )
+            return self.move(x_XH.cpu(), host_plan).to(x_XH.device)
         me, half = self.rank, self.seq % 2
         self.seq += 1
         x_XH = x_XH.contiguous()

@@ -39,6 +39,12 @@ def test_bench_train_on_cpu_prints_a_table_and_writes_json(tmp_path: Path) -> No
     # the phases are inside the step: together no more than the step's wall time
     assert sum(phases.values()) <= result["seconds_per_step"] * 1.05
     assert "tok/s" in proc.stdout and "forward" in proc.stdout
+    # the profiled steps (tools/step_profile.py): no kernels on CPU, the host's ops by self time
+    prof = result["profiled"]
+    assert prof["device_busy_s_per_step"] == 0 and prof["kernels_per_step"] == 0
+    names = [r["name"] for r in prof["top_host_ops"]]
+    assert any("mm" in n for n in names), names  # the GEMMs are among the host's top ops on CPU
+    assert all(r["ms_per_step"] > 0 and r["calls_per_step"] > 0 for r in prof["top_host_ops"])
 
 
 def test_bench_train_refuses_a_bad_config_in_one_line(tmp_path: Path) -> None:
