@@ -7,6 +7,7 @@ NVIDIA's PyTorch container); the same maths otherwise, so checkpoints move betwe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:  # apex ships in NVIDIA's PyTorch container; PyPI's "apex" is an unrelated project
@@ -24,6 +25,7 @@ class RMSNorm(nn.Module):
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         if _apex_rms_norm is not None and x_BSH.is_cuda:
             return _apex_rms_norm(x_BSH, self.weight, self.weight.shape, self.eps)
-        x32 = x_BSH.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x_BSH.dtype)
+        # torch's rms_norm: x * rsqrt(mean(x^2) + eps) * g, the maths above; on CUDA one fused
+        # kernel each way where torch has it, instead of ~6 elementwise passes forward and ~10 back
+        y = F.rms_norm(x_BSH.float(), self.weight.shape, self.weight.float(), self.eps)
+        return y.to(x_BSH.dtype)
