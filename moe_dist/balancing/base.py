@@ -67,7 +67,9 @@ class Load:
       capacity drop), float32.
     - ``global_counts_E``: the same summed over the data x expert parallel group for this
       micro-batch; filled only when some configured loss has ``needs_global_counts``.
-    - ``num_tokens``: T on this rank; ``global_num_tokens``: T summed over the group.
+    - ``num_tokens``: T on this rank; ``global_num_tokens``: T summed over the group (the layer
+      fills it with a 0-dim tensor on the device, so that no loss reads it on the host; an int
+      is accepted too).
     - ``batch_size``, ``seq_len``: the micro-batch shape (B, S) with T = B * S; sequence-wise
       losses need it.
     """
@@ -77,7 +79,7 @@ class Load:
     batch_size: int
     seq_len: int
     global_counts_E: torch.Tensor | None = None
-    global_num_tokens: int | None = None
+    global_num_tokens: int | torch.Tensor | None = None
 
 
 class BalancingLoss:

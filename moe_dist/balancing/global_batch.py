@@ -57,7 +57,8 @@ class GlobalBatchLoss(BalancingLoss):
                 "for losses with needs_global_counts"
             )
         denom = load.global_num_tokens * self.cfg.slots_per_token(self.top_k)
-        f_E = load.global_counts_E / max(denom, 1)
+        denom = denom.clamp(min=1) if isinstance(denom, torch.Tensor) else max(denom, 1)
+        f_E = load.global_counts_E / denom
         return switch_loss(f_E, routing.probs_TE, self.num_experts)
 
     @classmethod

@@ -181,7 +181,7 @@ class Gate(nn.Module):
             if self.reduce_counts and dist.is_available() and dist.is_initialized():
                 dist.all_reduce(total_E1, group=self.counts_group)
             load.global_counts_E = total_E1[:-1]
-            load.global_num_tokens = int(total_E1[-1].item())
+            load.global_num_tokens = total_E1[-1]  # stays on the device: no host read per layer
         aux, self.scope_parts, own = {}, {}, {}
         for name, loss in zip(self.loss_names, self.losses):
             if loss.model_scope:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +65,17 @@ def fault_run(tmp: Path, hosts: TwoHosts, name: str, **cluster: object) -> tuple
     return path, train_cmd(tmp, tmp / "runs", *more)
 
 
+def start_both_until_fault(
+    hosts: TwoHosts, cluster: Path, train: list[str], tmp: Path
+) -> tuple[Path, list[Path], list[subprocess.Popen]]:
+    """Launch on both hosts and wait until training passed ``FAULT_AT``: (run dir, logs, launches)."""
+    runs = tmp / "runs" / "tiny"
+    logs = [tmp / f"host{i}.log" for i in (0, 1)]
+    procs = [hosts.popen(i, launch_cmd(cluster, train, f"--node-rank={i}"), logs[i], cwd=tmp) for i in (0, 1)]
+    wait_until(lambda: last_step(runs) >= FAULT_AT, f"step {FAULT_AT}", 180, procs, logs)
+    return runs, logs, procs
+
+
 def resumed_step(log: str) -> int:
     found = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
     assert len(found) == 1, log[-3000:]
@@ -76,13 +88,7 @@ def test_node_dies_host0_names_it_then_the_node_rejoins_and_the_run_resumes(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     cluster, train = fault_run(tmp_path, two_hosts, "elastic", max_restarts=1)
-    runs = tmp_path / "runs" / "tiny"
-    logs = [tmp_path / f"host{i}.log" for i in (0, 1)]
-    procs = [
-        two_hosts.popen(i, launch_cmd(cluster, train, f"--node-rank={i}"), logs[i], cwd=tmp_path)
-        for i in (0, 1)
-    ]
-    wait_until(lambda: last_step(runs) >= FAULT_AT, f"step {FAULT_AT}", 180, procs, logs)
+    runs, logs, procs = start_both_until_fault(two_hosts, cluster, train, tmp_path)
     killed_at, kill = last_step(runs), time.monotonic()
     assert two_hosts.kill_host(1) >= 3  # the launch, torchrun's agent, the worker
     peer = two_hosts.hosts[1].addr
@@ -111,13 +117,7 @@ def test_partition_ends_both_sides_within_the_timeout_then_resumes(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     cluster, train = fault_run(tmp_path, two_hosts, "partition")
-    runs = tmp_path / "runs" / "tiny"
-    logs = [tmp_path / f"host{i}.log" for i in (0, 1)]
-    procs = [
-        two_hosts.popen(i, launch_cmd(cluster, train, f"--node-rank={i}"), logs[i], cwd=tmp_path)
-        for i in (0, 1)
-    ]
-    wait_until(lambda: last_step(runs) >= FAULT_AT, f"step {FAULT_AT}", 180, procs, logs)
+    runs, logs, procs = start_both_until_fault(two_hosts, cluster, train, tmp_path)
     two_hosts.set_link(1, up=False)
     cut, ended = time.monotonic(), [0.0, 0.0]
     while any(p.poll() is None for p in procs) and time.monotonic() - cut < TIMEOUT_S + READ_TIMEOUT_S + 60:

@@ -29,8 +29,9 @@ def _config(tmp_path: Path, *overrides: str) -> str:
         ("run.precision=bf16", "data.grad_accum=2"),
         ("model.moe.router.name=topk_sigmoid_bias",),
         ("model.moe.router.name=lpr", "model.moe.router.ema_keys=true"),
+        ("model.moe.losses=[{name: global_batch, coef: 0.01}]",),
     ],
-    ids=["fp32", "bf16_accum", "aux_free_bias", "lpr_ema"],
+    ids=["fp32", "bf16_accum", "aux_free_bias", "lpr_ema", "global_batch_loss"],
 )
 def test_steady_steps_make_no_host_reads_on_the_gpu_path(tmp_path: Path, overrides: tuple[str, ...]) -> None:
     per_step, sites = per_step_reads(
