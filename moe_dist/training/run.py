@@ -339,6 +339,9 @@ def train(
         # ---- 4. end
         # a background save is waited for; stopped as if killed, it stays unfinished
         engine.wait_saves(complete=stop_after is None)
+        # every checkpoint is on disk: from here a SIGTERM ends the process at once (the final
+        # evaluation, a lingering exporter), instead of waiting for a step that will not come
+        stop.flag.restore()
         result.seconds = time.perf_counter() - t_run
         steps_run = max(0, step - start_step)
         result.tokens_per_s = steps_run * tokens_per_step / result.seconds if steps_run else 0.0

@@ -88,3 +88,26 @@ def test_max_minutes_stops_saves_and_exits_resumable(tmp_path: Path) -> None:
     assert proc.returncode == 143, proc.stderr
     assert "run.max_minutes (0.0001) reached, stopping after step 1" in proc.stderr
     assert (tmp_path / "runs" / "timed" / "checkpoints" / "latest").read_text().strip() == "step_000001"
+
+
+def test_sigterm_after_the_last_step_ends_the_process_at_once(tmp_path: Path) -> None:
+    """After the loop (here: an exporter lingering 600 s for a last scrape) SIGTERM is no longer
+    held for a step boundary: the process ends within seconds, as a test's or an agent's cleanup
+    expects. Before the fix, the flag swallowed it and the process lingered on."""
+    config = _config(tmp_path, "linger")
+    telemetry = {"enabled": True, "port_base": 0, "linger_s": 600}
+    cmd = [sys.executable, "-m", "moe_dist.cli", "train", str(config), "--set", "parallel.ep_size=1",
+           "--set", "schedule.steps=3", "--set", f"telemetry={json.dumps(telemetry)}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    summary = tmp_path / "runs" / "linger" / "summary.json"
+    deadline = time.monotonic() + 180
+    while not summary.exists():  # written just before the exporters linger
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, proc.communicate()[1]
