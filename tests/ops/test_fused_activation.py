@@ -72,6 +72,27 @@ def test_compiled_equals_eager(swiglu: bool, dtype: torch.dtype) -> None:
         assert counters["stats"]["unique_graphs"] == frames, "compiled again for a new row count"
 
 
+@pytest.mark.slow
+def test_rows_are_symbolic_and_widths_are_constants_of_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One compile serves every row count, but a new width compiles its own kernel: widths are
+    constants, so the generated index arithmetic has no runtime division by F (on an H200 the
+    kernels with symbolic widths ran at 20-40 % of their memory bound, docs/performance.md)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(compiled, "_compiled", {})
+    torch._dynamo.reset()
+    graphs = []
+    for n, width in ((37, FF), (130, FF), (37, 2 * FF), (64, FF), (90, 2 * FF)):
+        g = torch.Generator().manual_seed(n)
+        h, s = torch.randn(n, 2 * width, generator=g), torch.rand(n, generator=g)
+        got = fa.scaled_activation(h, s, swiglu=True, compiled=True)
+        torch.testing.assert_close(got, fa.scaled_activation(h, s, swiglu=True, compiled=False))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert not compiled.compile_failures(), compiled.compile_failures()
+    first = graphs[0]
+    assert graphs == [first, first, first + 1, first + 1, first + 1], graphs
+
+
 def test_compiler_failure_falls_back_to_eager(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
