@@ -4,7 +4,8 @@
 #   env.json                  device, torch, CUDA, the packages used
 #   bench_train.jsonl         tools/bench_train.py, one JSON object per config and variant (eager,
 #                             model.compile): tokens/s, MFU, peak memory, breakdown, host gaps
-#   bench_layer_cuda.json     the MoE layer against Megatron-Core and a bf16 GEMM, three shapes
+#   bench_layer_cuda.json     the MoE layer against Megatron-Core and a bf16 GEMM, three shapes,
+#                             with our layer's kernels by device time (--profile 2)
 #   tests_gpu.xml, tests_gpu.log   pytest tests/gpu (JUnit XML and the log)
 #   summary.txt               one line per check with its exit code and seconds
 # Usage:  tools/gpu_check.sh [--dry-run]     (from the repository root)
@@ -78,7 +79,7 @@ bench_train mixtral_gpu_compiled 150 configs/models/mixtral_gpu.yaml --set model
 bench_train simbal_paper_gpu_compiled 150 configs/compare/simbal_paper_gpu.yaml --set model.compile=true
 
 # 4. the layer against Megatron-Core and the GEMM ceiling
-check bench_layer_cuda 120 $PY tools/bench_layer_cuda.py --iters 10 --out "$OUT/bench_layer_cuda.json"
+check bench_layer_cuda 120 $PY tools/bench_layer_cuda.py --iters 10 --profile 2 --out "$OUT/bench_layer_cuda.json"
 
 # 5. tests/gpu
 check tests_gpu 180 $PY -m pytest -q -p no:cacheprovider tests/gpu -o addopts= --timeout=100 \
