@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, on a bare GPU machine (tests/gpu/README.md). Under 6 minutes on
-# one H100/H200. Writes every result under $OUT (default runs/gpu_check):
+# Every GPU check in one command, on a bare GPU machine (tests/gpu/README.md). About 7 minutes on
+# one H200 (417 s on 2026-12-04; the compiled variants take 80 s of it: GPU_CHECK_DEADLINE_S cuts
+# the tail). Writes every result under $OUT (default runs/gpu_check):
 #   env.json                  device, torch, CUDA, the packages used
 #   bench_train.jsonl         tools/bench_train.py, one JSON object per config and variant (eager,
 #                             model.compile): tokens/s, MFU, peak memory, breakdown, host gaps
