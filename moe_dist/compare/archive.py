@@ -8,8 +8,9 @@ so that ``moe-dist compare`` reuses it (``runner.run_state`` = ``finished``) ins
 it again:
 
 1. Only when the archived config, validated by today's schema, EQUALS the config the comparison
-   would run (the same test as for reusing a live run directory); otherwise the run is left to
-   train, and the reason is returned.
+   would run (``runner.same_run``, the same test as for reusing a live run directory: keys that
+   only change what is measured are left out); otherwise the run is left to train, and the
+   reason is returned.
 2. Only when the archive's PES sample size equals the comparison's (the analysis is reused as it
    is; without the checkpoint it cannot be redone).
 3. Never over a run directory that already holds a finished run.
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_dist.compare.plan import CompareOptions, Job, build_jobs, make_plan
-from moe_dist.compare.runner import run_state
+from moe_dist.compare.runner import run_state, same_run
 from moe_dist.config import ConfigError, config_from_dict, config_to_dict, read_yaml
 
 
@@ -60,7 +61,7 @@ def restore_runs(archive: Path, jobs: list[Job], pes_tokens: int) -> dict[str, s
             out[job.key] = f"archived PES on {results.get('pes_tokens')} tokens, this comparison {pes_tokens}"
             continue
         try:
-            same = _archived_config(cfg_path) == job.cfg
+            same = same_run(_archived_config(cfg_path), job.cfg)
         except ConfigError as exc:
             out[job.key] = f"archived config invalid today: {'; '.join(exc.errors)}"
             continue

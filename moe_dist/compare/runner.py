@@ -61,12 +61,31 @@ def train_command(config_path: Path, nproc: int) -> list[str]:
     return [sys.executable, *train]
 
 
+# Keys that only say what is measured about a run, never what it computes (losses, counts,
+# weights): a run saved with another value is the same run. telemetry.timing changed its default
+# from true to None ("on CPU only") after runs of the paper presets had been saved.
+NOT_RUN_IDENTITY = (("telemetry", "timing"),)
+
+
+def same_run(saved: dict[str, Any], cfg: dict[str, Any]) -> bool:
+    """Whether two resolved configs (``config_to_dict``) describe the same run."""
+
+    def identity(d: dict[str, Any]) -> dict[str, Any]:
+        d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+        for section, key in NOT_RUN_IDENTITY:
+            if isinstance(d.get(section), dict):
+                d[section].pop(key, None)
+        return d
+
+    return identity(saved) == identity(cfg)
+
+
 def _saved_config_matches(run_dir: Path, cfg: dict[str, Any]) -> bool:
-    """The run directory holds a run of exactly this config. The saved config is re-validated
-    first, so a run saved before the schema gained a (defaulted) key still matches."""
+    """The run directory holds a run of exactly this config (``same_run``). The saved config is
+    re-validated first, so a run saved before the schema gained a (defaulted) key still matches."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
-        return config_to_dict(config_from_dict(saved)) == cfg
+        return same_run(config_to_dict(config_from_dict(saved)), cfg)
     except (OSError, ValueError, ConfigError):
         return False
 

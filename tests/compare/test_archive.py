@@ -72,3 +72,29 @@ def test_command_line_bad_archive_is_one_message(tmp_path: Path, capsys) -> None
     assert main([str(tmp_path / "nothing"), PRESET, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: archive") and "results.json" in err and "Traceback" not in err
+
+
+def test_a_key_that_only_changes_what_is_measured_is_not_part_of_a_runs_identity(tmp_path: Path) -> None:
+    """Runs saved when telemetry.timing defaulted to true (now None: on CPU only) are the same
+    runs: they are restored and reused, not trained again (which would replace their results)."""
+    out = tmp_path / "out"
+    jobs, pes = _jobs(out)
+    arc = _archive(tmp_path, jobs, pes)
+    for job in jobs:
+        if job.seed == 1:
+            path = arc / "configs" / f"{job.key}.yaml"
+            cfg = yaml.safe_load(path.read_text())
+            assert cfg["telemetry"]["timing"] is None  # today's default
+            cfg["telemetry"]["timing"] = True
+            path.write_text(yaml.safe_dump(cfg))
+    assert restore_runs(arc, jobs, pes)["seq_lbl_seed1"] == "restored"
+    job = next(j for j in jobs if j.key == "seq_lbl_seed1")
+    # a live run directory saved by the old code: reused as well
+    saved = json.loads((job.run_dir / "config.json").read_text())
+    saved["telemetry"]["timing"] = True
+    (job.run_dir / "config.json").write_text(json.dumps(saved))
+    assert run_state(job.run_dir, job.cfg) == "finished"
+    # a key that changes the run still does
+    saved["optim"]["lr"] = 1.0e-3
+    (job.run_dir / "config.json").write_text(json.dumps(saved))
+    assert run_state(job.run_dir, job.cfg) == "fresh"
