@@ -20,6 +20,10 @@ E experts, K slots per token, N sampled tokens.
    pairwise cosine; ``moe_dist.metrics.pairwise_expert_similarity`` per layer, min over layers
    as the paper reports. When the batches hold fewer tokens, all of them are used (the result
    says how many).
+5. The combine weights' shape, per layer over all validation tokens: ``weight_sum`` (mean of
+   sum_k w_TK: 1 for renormalised routers, 0.18-0.30 for Qwen3's unrenormalised top-8) and
+   ``top1_share`` (mean of max_k w_TK / sum_k w_TK: 1/K for uniform weights, 1 for one expert).
+   They tell a peaked router from a flat one (LPR's softmax over k cosines in [-1, 1] is flat).
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ def analyze_final_model(
     dropped = [0.0] * len(layers)
     routed = [0.0] * len(layers)
     pes_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    weight_sum = [0.0] * len(layers)
+    top1_share = [0.0] * len(layers)
+    n_tokens = [0] * len(layers)
     n_batches = num_batches or cfg.eval.batches
     per_batch = cfg.data.micro_batch_size * cfg.data.seq_len
     total = n_batches * per_batch
@@ -80,6 +87,11 @@ def analyze_final_model(
                 d, r = capacity_drops(routing.counts_E(), capacity_factor)
                 dropped[i] += d
                 routed[i] += r
+                w_TK = routing.weights_TK.float()
+                sum_T = w_TK.sum(dim=-1)
+                weight_sum[i] += float(sum_T.sum())
+                top1_share[i] += float((w_TK.amax(dim=-1) / sum_T.clamp(min=1e-12)).sum())
+                n_tokens[i] += w_TK.shape[0]
                 if len(rows_T):
                     xe_TH = (
                         x_TH
@@ -104,4 +116,8 @@ def analyze_final_model(
         "pes_per_layer": pes_per_layer,
         "pes_min": min(pes_per_layer),
         "pes_mean": sum(pes_per_layer) / len(pes_per_layer),
+        "weight_sum_per_layer": [w / n for w, n in zip(weight_sum, n_tokens)],
+        "weight_sum": sum(weight_sum) / sum(n_tokens),
+        "top1_share_per_layer": [t / n for t, n in zip(top1_share, n_tokens)],
+        "top1_share": sum(top1_share) / sum(n_tokens),
     }

@@ -106,8 +106,9 @@ def expected_row(recs: list[dict], target: float | None, base_tokens: float | No
 
 
 @torch.no_grad()
-def expected_drop_fraction(run_dir: Path, num_batches: int) -> float:
-    """Drops at capacity factor 1.0 recomputed from the final checkpoint, by hand."""
+def expected_final_model(run_dir: Path, num_batches: int) -> dict[str, float]:
+    """Drops at capacity factor 1.0 and the combine weights' shape, recomputed from the final
+    checkpoint by hand (means over layers; the weights' over all tokens)."""
     from moe_dist.config import config_from_dict
     from moe_dist.data.batches import TokenBatches
     from moe_dist.models import build_model
@@ -121,7 +122,7 @@ def expected_drop_fraction(run_dir: Path, num_batches: int) -> float:
     model.eval()
     batches = TokenBatches.for_run(cfg)
     E, K = cfg.model.moe.num_experts, cfg.model.moe.router.top_k
-    fractions = []
+    fractions, sums, shares = [], [], []
     for layer in model.moe_layers():
         seen: list[torch.Tensor] = []
         h = layer.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].flatten(0, -2)))
@@ -130,13 +131,22 @@ def expected_drop_fraction(run_dir: Path, num_batches: int) -> float:
         h.remove()
         dropped = routed = 0
         for x_TH in seen:
-            ids = layer.gate.router(x_TH).experts_TK.reshape(-1)
+            routing = layer.gate.router(x_TH)
+            ids = routing.experts_TK.reshape(-1)
             counts = torch.bincount(ids, minlength=E)
             cap = math.ceil(x_TH.shape[0] * K / E)
             dropped += int((counts - cap).clamp(min=0).sum())
             routed += ids.numel()
+            for w in routing.weights_TK.tolist():
+                sums.append(sum(w))
+                shares.append(max(w) / sum(w))
         fractions.append(dropped / routed)
-    return float(np.mean(fractions))
+    return {
+        "drop_fraction": float(np.mean(fractions)),
+        "weight_sum": float(np.mean(sums)),
+        "top1_share": float(np.mean(shares)),
+        "top_k": K,
+    }
 
 
 # ---------------------------------------------------------------- the real command
@@ -197,8 +207,11 @@ def test_table_numbers_are_recomputed_from_the_logs(
                 assert row[key] is None, (name, key)
             else:
                 assert row[key] == pytest.approx(exp[key], rel=1e-9), (name, key)
-        drops = expected_drop_fraction(out / "runs" / name, 2)
-        assert row["drop_fraction"] == pytest.approx(drops, abs=1e-12)
+        final = expected_final_model(out / "runs" / name, 2)
+        assert row["drop_fraction"] == pytest.approx(final["drop_fraction"], abs=1e-12)
+        for key in ("weight_sum", "top1_share"):
+            assert row["final_model"][key] == pytest.approx(final[key], rel=1e-5), (name, key)
+        assert 1 / final["top_k"] <= row["final_model"]["top1_share"] <= 1.0
         assert 0.0 <= row["drop_fraction"] < 1.0
         assert -1.0 <= row["pes_min"] <= 1.0 and row["pes_min"] == min(row["final_model"]["pes_per_layer"])
         # the Markdown line shows those same numbers
