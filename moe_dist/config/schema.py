@@ -94,8 +94,9 @@ class ModelConfig(Section):
     activation_checkpointing: bool = False
     compile: bool = Field(
         False,
-        description="torch.compile each transformer block (torchtitan's per-block compile), the MoE "
-        "layer left to its own kernels; off until measured on a GPU",
+        description="torch.compile each transformer block (torchtitan's per-block compile) and each "
+        "MoE layer's gate (router + losses); the dispatch and experts keep their own kernels; off "
+        "until measured on a GPU",
     )
     moe: MoEConfig = Field(default_factory=MoEConfig)
 

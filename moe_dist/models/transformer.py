@@ -132,14 +132,19 @@ class MoETransformer(nn.Module):
     def compile_blocks(self) -> None:
         """``model.compile``: each block becomes its own compiled module (torchtitan's
         ``apply_compile``: a graph per block, one compile reused by every block of the same
-        shapes). The MoE layer inside runs eagerly, so the compiled graphs are attention, norms
-        and residuals: its autograd functions, collectives and host-side plans are its own
-        kernels already, and its memory-bound parts compile on their own (``ops/compiled.py``).
+        shapes). The MoE layer inside runs eagerly except its `Gate` (router, balancing losses,
+        load statistics), compiled as its own region: it has static shapes at any EP size, and
+        eagerly it is ~25 small ops per layer plus their backward, each a kernel launch, which
+        is what makes a small model host-bound. (Megatron-Core's ``moe_router_fusion`` fuses the
+        same work with Transformer Engine kernels.) The rest of the layer stays eager: its
+        autograd functions, collectives and host-side plans are its own kernels already, and its
+        memory-bound parts compile on their own (``ops/compiled.py``).
         (Disabled here, per instance, not with a decorator on the class: that would import
         ``torch._dynamo`` with the layer, seconds at every process start.)"""
         for block in self.blocks:
             if block.is_moe:
                 block.ffn.forward = torch.compiler.disable(block.ffn.forward)
+                block.ffn.gate.compile()
             block.compile()
 
     def moe_layers(self) -> list[HasGate]:

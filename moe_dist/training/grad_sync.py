@@ -21,6 +21,12 @@ Global norm: non-expert gradients are identical on every rank after the reductio
 gradients differ across EP ranks (different experts), so their squared norms are summed over the
 EP group. ``sqrt(dense_sq + sum_EP expert_sq)`` is then the norm of the full gradient vector and
 every rank computes the same value.
+
+Launches: the norm, the clip scale, the division and the unpacking of a bucket are each one
+``torch._foreach_*`` call over all tensors (a few multi-tensor kernels on a GPU), not one op per
+parameter: a step's launch count does not grow with the number of parameters
+(``tests/training/test_step_launches.py``). The norm is torch's ``clip_grad_norm_`` order: per-tensor
+L2 norms in fp32, then the norm of those.
 """
 
 from __future__ import annotations
@@ -63,10 +69,8 @@ def _all_reduce_mean(
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, group=group)
         flat.div_(divisor)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        parts = flat.split([g.numel() for g in bucket])
+        torch._foreach_copy_(bucket, [part.view_as(g) for part, g in zip(parts, bucket)])
 
 
 class GradSync:
@@ -98,9 +102,8 @@ class GradSync:
             _all_reduce_mean(dense, g.world_group, g.world_size, self.bucket_bytes)
         if g.dp_size > 1:
             _all_reduce_mean(expert, g.expert_dp_group, g.world_size, self.bucket_bytes)
-        else:
-            for t in expert:
-                t.div_(g.world_size)
+        elif expert:
+            torch._foreach_div_(expert, float(g.world_size))
 
     def global_norm(self) -> torch.Tensor:
         """L2 norm of the whole gradient (all experts of all EP ranks once), same on every rank."""
@@ -111,8 +114,9 @@ class GradSync:
         norm = self.global_norm()
         if max_norm > 0:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for p in self.dense + self.expert:
-                p.grad.mul_(scale)  # type: ignore[union-attr]
+            grads = [p.grad for p in self.dense + self.expert]
+            if grads:
+                torch._foreach_mul_(grads, scale)  # type: ignore[arg-type]
         return norm
 
 
@@ -130,4 +134,5 @@ def global_grad_norm(
 def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    return torch.stack(norms).square().sum()
