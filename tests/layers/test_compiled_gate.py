@@ -17,14 +17,17 @@ from moe_dist.config import config_from_dict
 from moe_dist.layers.gate import Gate
 
 T, H, E, K = 48, 32, 8, 2
+SWITCH, Z = {"name": "switch", "coef": 0.01}, {"name": "z_loss", "coef": 1e-3}
+SIMBAL, SEQ = {"name": "simbal", "coef": 0.01}, {"name": "seq_aux", "coef": 0.01}
+GLOBAL = {"name": "global_batch", "coef": 0.01}
 CASES = {
-    "softmax_switch_z": ({"name": "topk_softmax", "top_k": K}, [{"name": "switch", "coef": 0.01}, {"name": "z_loss", "coef": 1e-3}]),
-    "softmax_simbal_seq": ({"name": "topk_softmax", "top_k": K}, [{"name": "simbal", "coef": 0.01}, {"name": "seq_aux", "coef": 0.01}]),
-    "softmax_lf_global": ({"name": "topk_softmax", "top_k": K, "bias_update_rate": 0.01}, [{"name": "global_batch", "coef": 0.01}]),
+    "softmax_switch_z": ({"name": "topk_softmax", "top_k": K}, [SWITCH, Z]),
+    "softmax_simbal_seq": ({"name": "topk_softmax", "top_k": K}, [SIMBAL, SEQ]),
+    "softmax_lf_global": ({"name": "topk_softmax", "top_k": K, "bias_update_rate": 0.01}, [GLOBAL]),
     "sigmoid_bias": ({"name": "topk_sigmoid_bias", "top_k": K}, []),
     "expert_choice": ({"name": "expert_choice", "top_k": K}, []),
     "lpr": ({"name": "lpr", "top_k": K, "latent_dim": 8}, []),
-}  # fmt: skip
+}
 
 
 def _gate(router: dict, losses: list) -> Gate:
