@@ -92,6 +92,12 @@ class ModelConfig(Section):
     dense_ffn_hidden_size: int = Field(512, ge=1)
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
+    fp32_residual: bool = Field(
+        False,
+        description="under bf16 autocast keep the residual stream (embedding output and block sums) in "
+        "fp32 (Megatron's --fp32-residual-connection); false: the autocast dtype, Megatron's default "
+        "and what FSDP's bf16 parameters give",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each transformer block (torchtitan's per-block compile) and each "

@@ -4,9 +4,12 @@ Shape legend: B batch, S sequence, H model dim, V vocabulary, F dense FFN hidden
 
 Forward (``MoETransformer.forward(tokens_BS, doc_BS=None, cache=None) -> (logits_BSV, aux_loss,
 aux_terms)``):
-1. h = embed(tokens); with document numbers ``doc_BS`` (``data.document_mask``), one attention
-   mask for all blocks that stops attention at document boundaries. With ``cache`` (one
-   ``KVCache`` per block, generation) the tokens continue the cached positions.
+1. h = embed(tokens), in the residual stream's dtype (`residual_dtype`: under autocast the
+   autocast dtype, as Megatron's default and FSDP's bf16 parameters give; fp32 with
+   ``model.fp32_residual``, Megatron's ``--fp32-residual-connection``). With document numbers
+   ``doc_BS`` (``data.document_mask``), one attention mask for all blocks that stops attention
+   at document boundaries. With ``cache`` (one ``KVCache`` per block, generation) the tokens
+   continue the cached positions.
 2. For each block: h += attn(norm(h)); h += ffn(norm(h)), where ffn is a dense SwiGLU MLP for
    the first ``model.dense_layers`` blocks (DeepSeek's dense prefix) and a ``MoELayer`` after.
 3. logits = norm(h) @ embed^T (tied embeddings) or a separate output matrix.
@@ -173,6 +176,7 @@ class MoETransformer(nn.Module):
         cache: list[KVCache] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         h_BSH = self.embed(tokens_BS)
+        h_BSH = h_BSH.to(self.residual_dtype(h_BSH))
         mask_B1SS = None if doc_BS is None else document_mask(doc_BS)
         aux_terms: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
@@ -188,6 +192,15 @@ class MoETransformer(nn.Module):
         logits_BSV = F.linear(h_BSH, weight_VH.to(h_BSH.dtype))
         aux_loss = sum(aux_terms.values(), torch.zeros((), device=logits_BSV.device))
         return logits_BSV, aux_loss, aux_terms
+
+    def residual_dtype(self, h_BSH: torch.Tensor) -> torch.dtype:
+        """The residual stream's dtype: under autocast its dtype unless ``model.fp32_residual``
+        (halves the bytes of every residual add and norm input on a GPU); otherwise the
+        embedding's (fp32, or bf16 under FSDP's bf16 parameters)."""
+        device = h_BSH.device.type
+        if torch.is_autocast_enabled(device) and not self.cfg.fp32_residual:
+            return torch.get_autocast_dtype(device)
+        return h_BSH.dtype
 
     def num_params(self) -> dict[str, int]:
         """Parameters on this rank: total, and the expert-parallel share."""
