@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, on a bare GPU machine (tests/gpu/README.md). About 7 minutes on
-# one H200 (417 s on 2026-12-04; the compiled variants take 80 s of it: GPU_CHECK_DEADLINE_S cuts
-# the tail). Writes every result under $OUT (default runs/gpu_check):
+# Every GPU check in one command, on a bare GPU machine (tests/gpu/README.md). About 8 minutes on
+# one H200 (417 s on 2026-12-04, before the fp32-residual row; the compiled variants take 80 s of
+# it: GPU_CHECK_DEADLINE_S cuts the tail). Writes every result under $OUT (default runs/gpu_check):
 #   env.json                  device, torch, CUDA, the packages used
 #   bench_train.jsonl         tools/bench_train.py, one JSON object per config and variant (eager,
 #                             model.compile): tokens/s, MFU, peak memory, breakdown, host gaps
@@ -75,6 +75,8 @@ bench_train() {  # bench_train NAME TIMEOUT_S CONFIG [ARGS...]: one line of benc
 }
 : > "$OUT/bench_train.jsonl"
 bench_train mixtral_gpu 90 configs/models/mixtral_gpu.yaml
+# the residual stream as it was before issue 24's third session (fp32), for an A/B in one run
+bench_train mixtral_gpu_fp32_residual 90 configs/models/mixtral_gpu.yaml --set model.fp32_residual=true
 bench_train simbal_paper_gpu 90 configs/compare/simbal_paper_gpu.yaml
 bench_train mixtral_gpu_compiled 150 configs/models/mixtral_gpu.yaml --set model.compile=true
 bench_train simbal_paper_gpu_compiled 150 configs/compare/simbal_paper_gpu.yaml --set model.compile=true
