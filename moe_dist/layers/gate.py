@@ -222,16 +222,20 @@ class Gate(nn.Module):
                 self.dropped_tokens.device
             )
 
+    def stat_buffers(self) -> list[torch.Tensor]:
+        """The per-step statistics buffers that ``reset_stats`` zeroes."""
+        bufs = [self.tokens_per_expert_E, self.received_per_local_expert_e, self.dropped_tokens]
+        return bufs if self.kept_per_expert_E is None else [*bufs, self.kept_per_expert_E]
+
+    def reset_timings(self) -> None:
+        self.a2a_seconds = 0.0
+        self.expert_seconds = 0.0
+
     @torch.no_grad()
     def reset_stats(self) -> None:
         """Zero the per-step statistics (``last_aux`` and ``timing`` stay)."""
-        self.tokens_per_expert_E.zero_()
-        self.received_per_local_expert_e.zero_()
-        self.dropped_tokens.zero_()
-        if self.kept_per_expert_E is not None:
-            self.kept_per_expert_E.zero_()
-        self.a2a_seconds = 0.0
-        self.expert_seconds = 0.0
+        torch._foreach_zero_(self.stat_buffers())
+        self.reset_timings()
 
     @contextlib.contextmanager
     def stats_restored(self) -> Iterator[None]:

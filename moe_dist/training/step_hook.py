@@ -67,10 +67,10 @@ def finish_step(layers: Sequence[HasGate], groups: ParallelGroups) -> StepCounts
     counts_LE = torch.stack([g.tokens_per_expert_E for g in gates])
     # Received counts go to their global expert ids (zeros elsewhere), so the same sum over the
     # group adds up each expert's data-parallel replicas.
+    received_Le = torch.stack([g.received_per_local_expert_e for g in gates])
+    e = received_Le.shape[1]
     received_LE = counts_LE.new_zeros(L, E)
-    for i, g in enumerate(gates):
-        e = g.received_per_local_expert_e.numel()
-        received_LE[i, groups.ep_rank * e : (groups.ep_rank + 1) * e] = g.received_per_local_expert_e
+    received_LE[:, groups.ep_rank * e : (groups.ep_rank + 1) * e] = received_Le
     dropped_L1 = torch.stack([g.dropped_tokens.to(counts_LE) for g in gates]).reshape(L, 1)
     packed_LX = torch.cat([counts_LE, received_LE, dropped_L1], dim=1)
     # 3. one all-reduce
@@ -80,12 +80,14 @@ def finish_step(layers: Sequence[HasGate], groups: ParallelGroups) -> StepCounts
         counts_E=list(packed_LX[:, :E].unbind(0)),
         received_E=list(packed_LX[:, E : 2 * E].unbind(0)),
         dropped=list(packed_LX[:, 2 * E].unbind(0)),
-        local_received=[g.received_per_local_expert_e.sum() for g in gates],
+        local_received=list(received_Le.sum(dim=1).unbind(0)),
         a2a_seconds=sum(float(g.a2a_seconds) for g in gates),
         expert_seconds=sum(float(g.expert_seconds) for g in gates),
     )
-    # 4. router updates; 5. reset
+    # 4. router updates; 5. reset (one multi-tensor zero for every gate: a launch, not 3 per layer)
     for g, counts_E in zip(gates, result.counts_E):
         g.router.after_step(counts_E)
-        g.reset_stats()
+    torch._foreach_zero_([buf for g in gates for buf in g.stat_buffers()])
+    for g in gates:
+        g.reset_timings()
     return result
