@@ -48,6 +48,9 @@ def compare_main(args: Any) -> int:
     if args.preset and args.config:
         print("error: give a CONFIG or --preset, not both", file=sys.stderr)
         return 2
+    if args.fresh and args.report_only:
+        print("error: give --fresh or --report-only, not both", file=sys.stderr)
+        return 2
     config = str(preset_path(args.preset)) if args.preset else (args.config or "configs/compare.yaml")
     variants = None
     if args.variants:
@@ -71,6 +74,7 @@ def compare_main(args: Any) -> int:
         seeds=args.seeds,
         fresh=args.fresh,
         quiet=args.quiet,
+        report_only=args.report_only,
     )
     return compare(opts)
 
@@ -140,6 +144,12 @@ def add_compare_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--fresh", action="store_true", help="discard earlier runs in OUT instead of continuing them"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only tabulate finished runs: exit 2, touching nothing, if any run would train, resume or "
+        "be replaced (a run whose config changed)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines, no table on stdout")
     p.set_defaults(func=compare_main)

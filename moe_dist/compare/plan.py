@@ -41,6 +41,7 @@ class CompareOptions:
     seeds: list[int] | None = None
     fresh: bool = False
     quiet: bool = False
+    report_only: bool = False  # tabulate finished runs; train, resume or delete nothing
 
 
 @dataclass

@@ -199,12 +199,29 @@ def run_jobs(
     return status
 
 
+def _not_finished(jobs: list[Job]) -> list[str]:
+    """``key (why)`` of each job whose run directory does not hold a finished run of its config."""
+    why = {"resume": "unfinished", "fresh": "missing, or trained with a different config"}
+    states = [(job.key, run_state(job.run_dir, job.cfg)) for job in jobs]
+    return [f"{key} ({why[state]})" for key, state in states if state != "finished"]
+
+
 def compare(opts: CompareOptions) -> int:
     progress = _Progress(opts.quiet)
     plan, base = make_plan(opts)
     if plan.baseline not in plan.variants:
         progress.say(f"baseline {plan.baseline!r} is not among the arms: no iso-loss column")
     jobs = build_jobs(opts, plan, base)
+    if opts.report_only:
+        unfinished = _not_finished(jobs)
+        if unfinished:
+            print(
+                f"error: --report-only: {len(unfinished)} run(s) in {opts.out / 'runs'} are not finished "
+                "runs of this comparison's configs (nothing was trained or removed): "
+                + ", ".join(unfinished),
+                file=sys.stderr,
+            )
+            return 2
     opts.out.mkdir(parents=True, exist_ok=True)
     status = run_jobs(jobs, opts, plan, progress)
     results = write_report(opts, plan, jobs, status)

@@ -428,6 +428,33 @@ def test_rerun_keeps_finished_runs_and_rebuilds_the_same_table(
 
 
 @pytest.mark.slow
+def test_report_only_tabulates_finished_runs_and_touches_nothing_else(
+    compared: tuple[Path, subprocess.CompletedProcess, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moe_dist.cli import main
+
+    out, proc, base = compared
+    assert proc.returncode == 0, proc.stderr
+    logs = {arm: out / "runs" / arm / "metrics.jsonl" for arm in ("switch", "aux_free")}
+    mtimes = {arm: log.stat().st_mtime_ns for arm, log in logs.items()}
+    args = ["compare", str(base), "--out", str(out), "--last-n", str(LAST_N), "--pes-tokens", "64"]
+    args += ["--quiet", "--report-only"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    (out / "results.json").unlink()
+    assert main([*args, "--variants", "switch,aux_free"]) == 0
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    # an arm never run, and a changed config (which a normal run would retrain from scratch)
+    assert main([*args, "--variants", "switch,seq_aux"]) == 2
+    assert main([*args, "--variants", "switch,aux_free", "--steps", str(STEPS + 1)]) == 2
+    err = capsys.readouterr().err
+    assert "seq_aux (missing, or trained with a different config)" in err and "Traceback" not in err
+    assert "aux_free (missing, or trained with a different config)" in err
+    assert not (out / "runs" / "seq_aux").exists()
+    assert {arm: log.stat().st_mtime_ns for arm, log in logs.items()} == mtimes  # nothing retrained
+    assert main(["compare", str(base), "--out", str(out), "--fresh", "--report-only"]) == 2
+
+
+@pytest.mark.slow
 def test_nproc_runs_each_variant_with_expert_parallelism(tmp_path: Path) -> None:
     from moe_dist.cli import main
 
