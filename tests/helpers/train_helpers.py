@@ -1,4 +1,5 @@
-"""The tiny test config (tests/assets/tiny.yaml and dotted overrides) and the training tests' rank body."""
+"""The tiny test config (tests/assets/tiny.yaml and dotted overrides), a tiny model of 2 MoE blocks,
+and the training tests' rank body."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moe_dist.config import Config, apply_overrides, config_from_dict, read_yaml
+from moe_dist.config import Config, ModelConfig, apply_overrides, config_from_dict, read_yaml
 
 TINY_TEXT = (
     "def add(a, b):\n    return a + b\n\n"
@@ -37,6 +38,19 @@ def tiny_data(tmp: Path, *overrides: str) -> dict[str, Any]:
     errors = apply_overrides(data, [*where, *overrides])
     assert not errors, errors
     return data
+
+
+def tiny_model_config(**model: Any) -> ModelConfig:
+    """dim 32, 2 blocks of 2 heads, 4 experts top-2 of width 32, sequences of 16; ``model`` keys
+    replace the top-level ones (``compile``, ``fp32_residual``...)."""
+    moe = {
+        "num_experts": 4,
+        "router": {"name": "topk_softmax", "top_k": 2},
+        "losses": [{"name": "switch", "coef": 0.01}],
+        "experts": {"ffn_hidden_size": 32},
+    }
+    base = {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 16, "moe": moe}
+    return config_from_dict({"model": base | model, "data": {"seq_len": 16}}).model
 
 
 def tiny_config(tmp: Path, *overrides: str) -> Config:

@@ -1,36 +1,19 @@
-"""``model.compile``: every block compiled (the MoE layer inside left eager) gives the eager model's
-loss and gradients, and compiles once: no recompile in later steps. Compiling on CPU takes tens of
-seconds, hence ``slow``."""
+"""``model.compile``: every block compiled (the MoE layer inside eager except its gate) gives the
+eager model's loss and gradients, and compiles once: no recompile in later steps. Compiling on CPU
+takes tens of seconds, hence ``slow``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from train_helpers import tiny_model_config
 
-from moe_dist.config import config_from_dict
 from moe_dist.models import build_model
 
 
 def _model(compiled: bool):  # noqa: ANN202
-    cfg = config_from_dict(
-        {
-            "model": {
-                "dim": 32,
-                "n_layers": 2,
-                "n_heads": 2,
-                "max_seq_len": 16,
-                "compile": compiled,
-                "moe": {
-                    "num_experts": 4,
-                    "router": {"name": "topk_softmax", "top_k": 2},
-                    "losses": [{"name": "switch", "coef": 0.01}],
-                    "experts": {"ffn_hidden_size": 32},
-                },
-            },
-            "data": {"seq_len": 16},
-        }
-    ).model
+    cfg = tiny_model_config(compile=compiled)
     model = build_model(cfg, seed=1)
     if cfg.compile:
         model.compile_blocks()

@@ -8,29 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import tiny_model_config
 
-from moe_dist.config import config_from_dict
 from moe_dist.models import build_model
 
 
 def _model(fp32_residual: bool):  # noqa: ANN202
-    cfg = config_from_dict(
-        {
-            "model": {
-                "dim": 32,
-                "n_layers": 2,
-                "n_heads": 2,
-                "max_seq_len": 16,
-                "fp32_residual": fp32_residual,
-                "moe": {
-                    "num_experts": 4,
-                    "router": {"name": "topk_softmax", "top_k": 2},
-                    "experts": {"ffn_hidden_size": 32, "backend": "grouped_mm"},
-                },
-            },
-            "data": {"seq_len": 16},
-        }
-    ).model
+    moe = tiny_model_config().moe.model_dump()
+    moe["experts"]["backend"] = "grouped_mm"
+    cfg = tiny_model_config(fp32_residual=fp32_residual, moe=moe)
     return build_model(cfg, seed=1)
 
 
