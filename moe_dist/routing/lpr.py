@@ -15,6 +15,10 @@ Forward:
    ``randn(E, D)`` parameters, not normalised at init (the paper's "w/o init").
 4. experts_TK, vals_TK = top-k of scores_TE; weights_TK = softmax(vals_TK) (softmax over the
    k cosines, so they already sum to 1: Qwen3's ``norm_topk_prob`` renormalisation is a no-op).
+   Cosines lie in [-1, 1], so these weights are nearly uniform over the k experts.
+   ``weight_temperature`` tau (ours, not in the official code; 1 = official) computes
+   softmax(vals_TK / tau) instead: tau < 1 sharpens the weights (issue 25's test of whether
+   LPR's flat weights are what lowers its loss). The alignment target (6.) keeps the cosines.
 5. z_decoded_TH = Linear(D, H)(softmax(scores_TE) @ keys_ED): returned as
    ``Routing.expert_input_delta_TH`` so the layer feeds the experts ``x + z_decoded`` (the
    official MoE block adds it before the experts); ``add_decoded_latent: false`` turns it off.
@@ -109,6 +113,9 @@ class LPRConfig(RouterConfig):
     )
     diversity_max_tokens: int | None = Field(
         1024, ge=2, description="D(mu) on a random sample of at most this many tokens (null = all, T x T)"
+    )
+    weight_temperature: float = Field(
+        1.0, gt=0.0, description="top-k weights = softmax(cosines / this) (ours; 1 = official)"
     )
     add_decoded_latent: bool = Field(True, description="experts see x + z_decoded, as the official MoE block")
     ema_keys: bool = Field(False, description="EMA key update in after_step (off in the released training)")
@@ -228,7 +235,8 @@ class LPRRouter(Router):
         scores_TE = F.cosine_similarity(mu_TD.unsqueeze(1), keys_ED.unsqueeze(0), dim=-1)
         vals_TK, experts_TK = scores_TE.topk(self.top_k, dim=-1)
         fp = torch.promote_types(scores_TE.dtype, torch.float32)  # fp32 at least, fp64 kept (gradcheck)
-        weights_TK = vals_TK.softmax(dim=-1, dtype=fp)
+        tau = self.cfg.weight_temperature
+        weights_TK = (vals_TK if tau == 1.0 else vals_TK / tau).softmax(dim=-1, dtype=fp)
         probs_TE = scores_TE.softmax(dim=-1, dtype=fp)
 
         delta_TH = None

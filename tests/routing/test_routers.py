@@ -263,6 +263,17 @@ def test_lpr_diversity_sampling() -> None:
     assert sampled(x).losses["lpr_diversity"].item() == sampled(x).losses["lpr_diversity"].item()
 
 
+def test_lpr_weight_temperature_sharpens_only_the_combine_weights() -> None:
+    x = torch.randn(9, 12)
+    flat, sharp = lpr().eval()(x), lpr(weight_temperature=0.25).eval()(x)
+    assert torch.equal(sharp.experts_TK, flat.experts_TK)
+    vals_TK = flat.weights_TK.log()  # the top-k cosines up to a per-token constant
+    assert torch.allclose(sharp.weights_TK, (vals_TK / 0.25).softmax(-1), atol=1e-6)
+    assert (sharp.weights_TK.amax(-1) > flat.weights_TK.amax(-1)).all()
+    for name in flat.losses:  # the regularisers (and the alignment target) see the cosines
+        assert torch.equal(sharp.losses[name], flat.losses[name]), name
+
+
 def test_lpr_decoded_latent_option() -> None:
     assert lpr(add_decoded_latent=False)(torch.randn(3, 12)).expert_input_delta_TH is None
 
