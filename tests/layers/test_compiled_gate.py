@@ -56,7 +56,8 @@ def test_compiled_gate_equals_eager_and_compiles_once(case: str) -> None:
     compiled = copy.deepcopy(eager)
     compiled.compile()
     if router["name"] == "lpr":  # its training forward samples z: compare the deterministic eval path
-        eager.eval(), compiled.eval()
+        eager.eval()
+        compiled.eval()
     torch._dynamo.reset()
     counters.clear()
     for step in range(3):
