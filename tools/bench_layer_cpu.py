@@ -41,7 +41,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_common import (  # noqa: E402
+from moe_dist.ops.compiled import compile_failures  # noqa: E402
+from moe_dist.ops.cpu_matmul import matmul, onednn_status  # noqa: E402
+from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
+from moe_dist.training.host_memory import retain_freed_memory  # noqa: E402
+from tools.bench_common import (  # noqa: E402
     add_common_args,
     check_positive,
     finish,
@@ -51,11 +55,6 @@ from bench_common import (  # noqa: E402
     layer_step,
     our_layer,
 )
-
-from moe_dist.ops.compiled import compile_failures  # noqa: E402
-from moe_dist.ops.cpu_matmul import matmul, onednn_status  # noqa: E402
-from moe_dist.parallel.groups import ParallelGroups  # noqa: E402
-from moe_dist.training.host_memory import retain_freed_memory  # noqa: E402
 
 
 class SwiGLUExpert(nn.Module):
