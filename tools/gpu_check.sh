@@ -7,6 +7,7 @@
 #                             model.compile): tokens/s, MFU, peak memory, breakdown, host gaps
 #   bench_layer_cuda.json     the MoE layer against Megatron-Core and a bf16 GEMM, three shapes,
 #                             with our layer's kernels by device time (--profile 2)
+#   bench_layer_cuda_accumulated.json   ours again, gradients kept across steps (issue 24's method)
 #   tests_gpu.xml, tests_gpu.log   pytest tests/gpu (JUnit XML and the log)
 #   summary.txt               one line per check with its exit code and seconds
 # Usage:  tools/gpu_check.sh [--dry-run]     (from the repository root)
@@ -88,7 +89,11 @@ check bench_layer_cuda 120 $PY tools/bench_layer_cuda.py --iters 10 --profile 2 
 check tests_gpu 180 $PY -m pytest -q -p no:cacheprovider tests/gpu -o addopts= --timeout=100 \
   --junitxml "$OUT/tests_gpu.xml" 2>&1 | tee "$OUT/tests_gpu.log"
 
-# 6. the other GPU model configs
+# 6. the layer as issue 24 measured it (gradients kept across timed steps): the targets' yardstick
+check bench_layer_cuda_accumulated 60 $PY tools/bench_layer_cuda.py --iters 10 --only-ours --accumulate-grads \
+  --out "$OUT/bench_layer_cuda_accumulated.json"
+
+# 7. the other GPU model configs
 bench_train qwen3_moe_gpu 90 configs/models/qwen3_moe_gpu.yaml
 bench_train deepseek_v3_gpu 90 configs/models/deepseek_v3_gpu.yaml
 

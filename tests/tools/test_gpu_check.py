@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_lists_every_check(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     names = (tmp_path / "summary.txt").read_text().split()
-    assert {"env", "tests_gpu", "bench_layer_cuda"} <= set(names)
+    assert {"env", "tests_gpu", "bench_layer_cuda", "bench_layer_cuda_accumulated"} <= set(names)
     configs = re.findall(r"tools/bench_train.py (\S+\.yaml)", proc.stdout)
     assert len(configs) >= 4 and any("mixtral_gpu" in c for c in configs)
     overrides = ["data.paths=[]", "data.tokenizer.kind=bytes", "run.device=cpu"]
