@@ -58,9 +58,7 @@ def write_report(
         planned: dict[str, list[Any]] = {}
         for j in jobs:
             planned.setdefault(j.arm, []).append(j.seed)
-        results["claims"] = seeds.judge_claims(
-            results["seed_rows"], per_seed, plan.claims, plan.baseline, planned
-        )
+        results["claims"] = seeds.judge_claims(per_seed, plan.claims, plan.baseline, planned)
     (opts.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     pngs = plots.plot_all(logs_by_seed, plan.baseline, opts.out) if any(logs_by_seed.values()) else []
     (opts.out / "results.md").write_text(results_markdown(results, per_seed, pngs, plan))

@@ -10,7 +10,8 @@ values of every seed, and the paired difference to the baseline seed by seed (me
 Per claim (`judge_claims`): the paired differences d_s = arm_s - baseline_s (or the claim's
 ``versus`` arm) of the claim's
 metric, signed so that positive means "as the paper says" (``better: lower`` flips the sign).
-The seed-to-seed spread is the larger of the two arms' standard deviations over seeds. Verdict:
+The seed-to-seed spread is the larger of the two arms' standard deviations over the claim's
+seeds (those both arms ran, below). Verdict:
 
 - ``holds``: every seed agrees in sign and |mean d| exceeds the spread;
 - ``opposite``: the same, with the sign against the paper;
@@ -82,8 +83,12 @@ def _metric(row: dict[str, Any] | None, metric: str) -> float | None:
     return v
 
 
+def _std_over(by_seed: dict[Any, dict[str, Any]], arm: str, metric: str, seeds: list[Any]) -> float:
+    """The arm's standard deviation of ``metric`` over ``seeds`` (0 for fewer than two values)."""
+    return _stats([(by_seed[s].get(arm) or {}).get(metric) for s in seeds])["std"] or 0.0
+
+
 def judge_claims(
-    seed_rows: list[dict[str, Any]],
     per_seed: dict[Any, list[dict[str, Any]]],
     claims: list[ClaimSpec],
     baseline: str,
@@ -92,7 +97,6 @@ def judge_claims(
     """A verdict per claim (module docstring), with the numbers it rests on; ``planned``: the
     seeds each arm was to run (default: every seed for every arm)."""
     by_seed = {s: {r["variant"]: r for r in rows} for s, rows in per_seed.items()}
-    agg = {r["arm"]: r for r in seed_rows}
     out = []
     for claim in claims:
         sign = -1.0 if claim.better == "lower" else 1.0
@@ -116,7 +120,7 @@ def judge_claims(
             continue
         d = [sign * (a - b) for a, b in zip(arm_v, base_v)]
         finite = [x for x in d if math.isfinite(x)]
-        spread = max(agg[claim.arm][claim.metric]["std"] or 0.0, agg[versus][claim.metric]["std"] or 0.0)
+        spread = max(_std_over(by_seed, a, claim.metric, both) for a in (claim.arm, versus))
         mean_d = float(np.mean(d)) if len(finite) == len(d) else (-math.inf if any(x < 0 for x in d) else 0.0)
         if all(x > 0 for x in d) and abs(mean_d) > spread:
             verdict = "holds"

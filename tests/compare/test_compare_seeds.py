@@ -48,7 +48,7 @@ def test_aggregate_and_claims_by_hand() -> None:
         ClaimSpec(text="worse loss", arm="new", metric="final_val_loss", better="higher"),
         ClaimSpec(text="arm vs arm", arm="base", versus="new", metric="ema_gini", better="higher"),
     ]
-    out = {c["text"]: c for c in seeds.judge_claims(list(agg.values()), per_seed, claims, "base")}
+    out = {c["text"]: c for c in seeds.judge_claims(per_seed, claims, "base")}
     # Gini: d = [0.4, 0.5], mean 0.45 > spread max(std(.1,.2), std(.5,.7)) = 0.1414 -> holds
     assert out["balance"]["differences"] == pytest.approx([0.4, 0.5])
     assert out["balance"]["spread"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
@@ -109,12 +109,25 @@ def test_arm_seeds_and_overrides_and_claims_on_shared_seeds(tmp_path: Path) -> N
     rows = {s: [r | {m: r.get(m) for m in seeds.METRICS} for r in rs] for s, rs in rows.items()}
     agg = seeds.aggregate(rows, ["base", "long"], "base")
     claim = ClaimSpec(text="t", arm="long", metric="final_val_loss", better="lower")
-    judged = seeds.judge_claims(agg, rows, [claim], "base", {"base": [5, 6], "long": [6]})[0]
+    judged = seeds.judge_claims(rows, [claim], "base", {"base": [5, 6], "long": [6]})[0]
     assert judged["seeds"] == [6] and judged["differences"] == [0.5] and judged["verdict"] == "holds"
-    assert seeds.judge_claims(agg, rows, [claim], "base")[0]["verdict"] == "not measured"
+    assert seeds.judge_claims(rows, [claim], "base")[0]["verdict"] == "not measured"
     assert "per seed (6) +0.5" in seeds.claim_lines([judged])[0]
     # The table prints n/a for a seed the arm did not run, "never" only for a run that never got there.
     assert "| long | 1.5000 ± 0.0000 (n/a / 1.5000) | " in seeds.markdown_table(agg, "base")
+    # The spread is over the claim's seeds: "base" varies wildly at seeds 5 and 7, which "long"
+    # did not run, and is steady at 6 and 8, which both ran.
+    rows = {
+        5: [{"variant": "base", "final_val_loss": 9.0}],
+        6: [{"variant": "base", "final_val_loss": 2.0}, {"variant": "long", "final_val_loss": 1.5}],
+        7: [{"variant": "base", "final_val_loss": 0.5}],
+        8: [{"variant": "base", "final_val_loss": 2.1}, {"variant": "long", "final_val_loss": 1.7}],
+    }
+    rows = {s: [r | {m: r.get(m) for m in seeds.METRICS} for r in rs] for s, rs in rows.items()}
+    judged = seeds.judge_claims(rows, [claim], "base", {"base": [5, 6, 7, 8], "long": [6, 8]})[0]
+    assert judged["seeds"] == [6, 8] and judged["differences"] == pytest.approx([0.5, 0.4])
+    assert judged["spread"] == pytest.approx(max(np.std([2.0, 2.1], ddof=1), np.std([1.5, 1.7], ddof=1)))
+    assert judged["verdict"] == "holds"  # over all of base's seeds its std (3.9) would hide it
 
 
 # ---------------------------------------------------------------- the real command
