@@ -32,7 +32,9 @@ Forward:
      large micro-batches; null gives the exact official term. The sample's mean off-diagonal
      entry is unbiased, so the "cosine" term is unbiased and the "orthogonal" term's
      expectation is (1 - 1/N) / (1 - 1/T) times the full one (its zero diagonal weighs 1/N
-     instead of 1/T): within 0.1% for N = 1024.
+     instead of 1/T): within 0.1% for N = 1024. ``diversity_on`` (ours, not in the official code;
+     ``both`` = official) keeps only D(mu) (``latents``) or only D(keys) (``keys``): issue 25's
+     test of which half carries LPR's loss lead.
    - ``lpr_kl`` = loss_coef * kl_weight * mean_t KL(N(mu, sigma^2) || N(0, I)).
    - ``lpr_align`` = loss_coef * align_weight * mean |keys_ED - (W_TE^T z_TD).detach()| with
      W = softmax over ALL E of the top-k cosines scattered into zeros (non-selected experts get
@@ -110,6 +112,9 @@ class LPRConfig(RouterConfig):
         ge=0.0,
         description="factor of the per-layer sum in the optimised loss (official: 0.01 written, "
         "0.27 effective)",
+    )
+    diversity_on: Literal["both", "latents", "keys"] = Field(
+        "both", description="D(mu) + D(keys) (official), or one of the two (ours)"
     )
     diversity_max_tokens: int | None = Field(
         1024, ge=2, description="D(mu) on a random sample of at most this many tokens (null = all, T x T)"
@@ -251,9 +256,13 @@ class LPRRouter(Router):
             self.step_counts_E += w_TE.sum(dim=0).to(self.step_counts_E.dtype)
 
         c = cfg.loss_coef
-        mu_ND = self._diversity_sample(mu_TD)
-        kind = cfg.diversity_type
-        div = cfg.diversity_lambda * (diversity(mu_ND, kind) + diversity(keys_ED, kind))
+        kind, on = cfg.diversity_type, cfg.diversity_on
+        div = mu_TD.new_zeros(())
+        if on != "keys":
+            div = div + diversity(self._diversity_sample(mu_TD), kind)
+        if on != "latents":
+            div = div + diversity(keys_ED, kind)
+        div = cfg.diversity_lambda * div
         losses = {
             "lpr_diversity": c * cfg.div_weight * div,
             "lpr_kl": c * cfg.kl_weight * gaussian_kl(mu_TD, logvar_TD),

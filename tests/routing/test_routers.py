@@ -274,6 +274,26 @@ def test_lpr_weight_temperature_sharpens_only_the_combine_weights() -> None:
         assert torch.equal(sharp.losses[name], flat.losses[name]), name
 
 
+def test_lpr_diversity_on_one_half() -> None:
+    x = torch.randn(9, 12)
+    r = lpr().eval()
+    both = r(x)
+    mu = r.encode(x)[1]
+
+    def d(v: torch.Tensor) -> torch.Tensor:
+        n = v / v.norm(dim=-1, keepdim=True)
+        return ((n @ n.T - torch.eye(v.shape[0])) ** 2).mean()
+
+    want = {"latents": d(mu), "keys": d(r.expert_keys)}
+    for on, d_half in want.items():
+        out = lpr(diversity_on=on).eval()(x)
+        assert out.losses["lpr_diversity"].item() == pytest.approx(0.01 * d_half.item(), rel=1e-5), on
+        for name in ("lpr_kl", "lpr_align"):  # the other terms are untouched
+            assert torch.equal(out.losses[name], both.losses[name]), (on, name)
+    total = sum(v.item() for v in want.values())
+    assert both.losses["lpr_diversity"].item() == pytest.approx(0.01 * total, rel=1e-5)
+
+
 def test_lpr_decoded_latent_option() -> None:
     assert lpr(add_decoded_latent=False)(torch.randn(3, 12)).expert_input_delta_TH is None
 
