@@ -69,8 +69,13 @@ CUDA_SHAPES = {
 Impl = tuple[Callable[[], None], str, Callable[[], int]]
 
 
-def fresh_grads(step: Callable[[], None], tensors: list[torch.Tensor]) -> Callable[[], None]:
-    """``step`` with every tensor's gradient dropped first, so its backward writes fresh ones."""
+def fresh_grads(
+    step: Callable[[], None], tensors: list[torch.Tensor], keep: bool = False
+) -> Callable[[], None]:
+    """``step`` with every tensor's gradient dropped first, so its backward writes fresh ones
+    (``keep``: ``step`` itself, its gradients accumulating across calls)."""
+    if keep:
+        return step
 
     def fresh_step() -> None:
         for t in tensors:
@@ -165,9 +170,7 @@ def _megatron_impl(
         y.backward(gy_SBH)
 
     note = "TE grouped GEMM" if use_te else "local SequentialMLP"
-    if not accumulate:
-        step = fresh_grads(step, [x_SBH, *moe.parameters()])
-    return step, note, lambda: kept_bytes(moe, x_SBH)
+    return fresh_grads(step, [x_SBH, *moe.parameters()], accumulate), note, lambda: kept_bytes(moe, x_SBH)
 
 
 def _experts_step(layer: MoELayer, x: torch.Tensor, accumulate: bool) -> Callable[[], None]:
@@ -183,7 +186,7 @@ def _experts_step(layer: MoELayer, x: torch.Tensor, accumulate: bool) -> Callabl
     def step() -> None:
         layer.experts(rows_YH, counts_e, w_Y).backward(gy_YH)
 
-    return step if accumulate else fresh_grads(step, [rows_YH, w_Y, *layer.experts.parameters()])
+    return fresh_grads(step, [rows_YH, w_Y, *layer.experts.parameters()], accumulate)
 
 
 def _gemm_ceiling_tflops(iters: int, warmup: int) -> float:
@@ -207,9 +210,7 @@ def _shape_rows(
     layer = our_layer(H, Fh, E, K, ParallelGroups.single(), args.fused_kernels)
     layer = layer.to(device=dev, dtype=torch.bfloat16)
     note = "grouped_mm" if layer.experts.use_grouped_mm(x) else "per-expert loop"
-    ours = layer_step(layer, x, gy)
-    if not args.accumulate_grads:
-        ours = fresh_grads(ours, [x, *layer.parameters()])
+    ours = fresh_grads(layer_step(layer, x, gy), [x, *layer.parameters()], args.accumulate_grads)
     impls: dict[str, Impl] = {"ours": (ours, note, lambda: kept_bytes(layer, x))}
     try:
         if not args.only_ours:

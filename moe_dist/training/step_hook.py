@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe_dist.layers.gate import HasGate
+from moe_dist.layers.gate import Gate, HasGate
 from moe_dist.parallel.groups import ParallelGroups
 
 
@@ -84,10 +84,8 @@ def finish_step(layers: Sequence[HasGate], groups: ParallelGroups) -> StepCounts
         a2a_seconds=sum(float(g.a2a_seconds) for g in gates),
         expert_seconds=sum(float(g.expert_seconds) for g in gates),
     )
-    # 4. router updates; 5. reset (one multi-tensor zero for every gate: a launch, not 3 per layer)
+    # 4. router updates; 5. reset, all gates at once
     for g, counts_E in zip(gates, result.counts_E):
         g.router.after_step(counts_E)
-    torch._foreach_zero_([buf for g in gates for buf in g.stat_buffers()])
-    for g in gates:
-        g.reset_timings()
+    Gate.reset_all(gates)
     return result

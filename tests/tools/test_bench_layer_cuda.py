@@ -31,7 +31,7 @@ def test_layer_step_grads_fresh_or_accumulated(accumulate: bool) -> None:
     step = layer_step(layer, x, gy)
     step()
     once = _grads(tensors)
-    timed = step if accumulate else fresh_grads(step, tensors)
+    timed = fresh_grads(step, tensors, keep=accumulate)
     timed()
     timed()
     factor = 3.0 if accumulate else 1.0  # the first call above, then two timed ones
